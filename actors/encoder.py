@@ -1,0 +1,240 @@
+"""Stream encoders and the encoder actor.
+
+`StreamEncoder` holds one stream's stateful H.264 encoder (DESIGN decision 1: a stream is
+bound to one encoder for its life). `EncoderWorker` is the plain class behind each encoder
+actor: it carries several streams, runs on one thread (Ray's default for a sync actor, so
+the frames of one stream are encoded in the order their capture actor sent them), and
+hands every access unit to a sink, which in the pipeline is the ingress actor's `push`.
+
+Timestamps: the access unit keeps the capture wall-clock time of its frame; the ingress
+derives RTP time from it and keeps it monotonic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+
+from actors.hwaccel import Detection, detect, open_context
+from actors.stats import node_address, percentile
+from configs.schema import ActorResources, DeviceConfig, EncoderConfig
+
+logger = logging.getLogger(__name__)
+
+#: A frame not started within this many ms of its capture is dropped as stale.
+STALE_AFTER_MS = 200
+
+
+@dataclass(frozen=True)
+class EncodedUnit:
+    """One H.264 access unit (Annex-B), as the encoder hands it to the ingress."""
+
+    device_id: str
+    """The device (stream) it belongs to."""
+    seq: int
+    """Frame index at the source; rises by at least one per unit."""
+    data: bytes
+    """Annex-B access unit; a keyframe carries SPS and PPS before its IDR slice."""
+    keyframe: bool
+    """True for an IDR access unit."""
+    capture_ms: float
+    """Capture wall-clock time of the frame, ms."""
+    encode_ms: float
+    """Time spent encoding it, ms."""
+    encoded_ms: float
+    """Wall-clock time when the encoder finished it, ms."""
+
+
+@dataclass
+class StreamStats:
+    """Counters of one stream on its encoder."""
+
+    frames_in: int = 0
+    frames_encoded: int = 0
+    bytes_out: int = 0
+    keyframes: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    encode_ms: deque[float] = field(default_factory=lambda: deque(maxlen=300))
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+class StreamEncoder:
+    """One stream's encoder: raw yuv420p frames in, Annex-B access units out."""
+
+    def __init__(self, device: DeviceConfig, config: EncoderConfig, backend: str) -> None:
+        self.device = device
+        self.config = config
+        self.backend = backend
+        self.stats = StreamStats()
+        self._keyframe_requested = False
+        self._ctx = open_context(
+            backend, config, width=device.width, height=device.height, fps=device.fps
+        )
+        self._last_pts = -1
+
+    def request_keyframe(self) -> None:
+        """The next frame becomes an IDR (with SPS/PPS in front)."""
+        self._keyframe_requested = True
+
+    def encode(self, data: np.ndarray, capture_ms: float) -> list[tuple[bytes, bool, float]]:
+        """Encode one frame; return its access units as (bytes, keyframe, encode ms)."""
+        start = time.perf_counter()
+        frame = av.VideoFrame.from_ndarray(data, format="yuv420p")
+        if self._ctx.pix_fmt != "yuv420p":
+            frame = frame.reformat(format=self._ctx.pix_fmt)
+        # 90 kHz from the capture clock; strictly rising, as the encoder requires.
+        pts = max(int(capture_ms * 90), self._last_pts + 1)
+        self._last_pts = pts
+        frame.pts = pts
+        if self._keyframe_requested:
+            frame.pict_type = av.video.frame.PictureType.I
+            self._keyframe_requested = False
+        packets = self._ctx.encode(frame)
+        elapsed = (time.perf_counter() - start) * 1000
+        self.stats.frames_in += 1
+        self.stats.encode_ms.append(elapsed)
+        out = []
+        for packet in packets:
+            payload = bytes(packet)
+            out.append((payload, bool(packet.is_keyframe), elapsed))
+            self.stats.frames_encoded += 1
+            self.stats.bytes_out += len(payload)
+            self.stats.keyframes += int(packet.is_keyframe)
+        return out
+
+    def close(self) -> None:
+        try:
+            self._ctx.encode(None)
+        except av.FFmpegError:
+            logger.debug("flushing the encoder of %s failed", self.device.id, exc_info=True)
+
+
+Sink = Callable[[EncodedUnit], Any]
+
+
+class EncoderWorker:
+    """The plain class behind an encoder actor: several streams, one thread."""
+
+    def __init__(self, *, name: str, encoder: EncoderConfig, sink: Sink | None = None) -> None:
+        self.name = name
+        self.config = encoder
+        self.detection: Detection = detect(encoder)
+        self._sink = sink
+        self._streams: dict[str, StreamEncoder] = {}
+        self.node = node_address()
+
+    def set_sink(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "node": self.node,
+            "hwaccel": self.detection.backend,
+            "codec": self.detection.codec_name,
+            "streams": sorted(self._streams),
+        }
+
+    def open_stream(self, device: DeviceConfig) -> dict[str, Any]:
+        """Bind `device`'s stream to this worker (idempotent)."""
+        if device.id not in self._streams:
+            self._streams[device.id] = StreamEncoder(device, self.config, self.detection.backend)
+            logger.info(
+                "%s: stream %s opened (%s)", self.name, device.id, self.detection.codec_name
+            )
+        return self.info()
+
+    def close_stream(self, device_id: str) -> None:
+        stream = self._streams.pop(device_id, None)
+        if stream is not None:
+            stream.close()
+
+    def request_keyframe(self, device_id: str) -> bool:
+        stream = self._streams.get(device_id)
+        if stream is None:
+            return False
+        stream.request_keyframe()
+        return True
+
+    def encode(self, device_id: str, data: np.ndarray, index: int, capture_ms: float) -> int:
+        """Encode frame `index` of `device_id`; return the number of access units sent.
+
+        A frame that waited more than STALE_AFTER_MS since capture is dropped (counted).
+        """
+        stream = self._streams.get(device_id)
+        if stream is None:
+            raise KeyError(f"stream {device_id!r} is not open on {self.name}")
+        if time.time() * 1000 - capture_ms > STALE_AFTER_MS:
+            stream.stats.drop("stale")
+            return 0
+        units = stream.encode(data, capture_ms)
+        if self._sink is None:
+            return 0
+        now = time.time() * 1000
+        for payload, keyframe, encode_ms in units:
+            self._sink(
+                EncodedUnit(
+                    device_id=device_id,
+                    seq=index,
+                    data=payload,
+                    keyframe=keyframe,
+                    capture_ms=capture_ms,
+                    encode_ms=encode_ms,
+                    encoded_ms=now,
+                )
+            )
+        return len(units)
+
+    def stats(self) -> dict[str, Any]:
+        streams = {}
+        for device_id, stream in self._streams.items():
+            s = stream.stats
+            times = sorted(s.encode_ms)
+            streams[device_id] = {
+                "frames_in": s.frames_in,
+                "frames_encoded": s.frames_encoded,
+                "keyframes": s.keyframes,
+                "bytes_out": s.bytes_out,
+                "dropped": dict(s.dropped),
+                "encode_ms_p50": percentile(times, 50),
+                "encode_ms_p99": percentile(times, 99),
+            }
+        return {**self.info(), "streams": streams}
+
+    def stop(self) -> None:
+        for device_id in list(self._streams):
+            self.close_stream(device_id)
+
+
+class EncoderActor(EncoderWorker):
+    """The `encoder-<n>` actor: an EncoderWorker whose sink is the ingress actor."""
+
+    def set_ingress(self, ingress: Any) -> None:
+        # Fire and forget: submission order from this one thread is the order the
+        # ingress receives them in, and the ingress counts any unit that arrives late.
+        self.set_sink(lambda unit: ingress.push.remote(unit))
+
+
+def create_encoder_actor(index: int, *, encoder: EncoderConfig, resources: ActorResources) -> Any:
+    """Start the `encoder-<index>` actor with the Ray resources the config asks for."""
+    import ray
+
+    return (
+        ray.remote(EncoderActor)
+        .options(
+            name=f"encoder-{index}",
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            resources=dict(resources.custom),
+        )
+        .remote(name=f"encoder-{index}", encoder=encoder)
+    )

@@ -1,0 +1,1 @@
+"""Deployment: the driver that places the actors, the CLI, `ray up` files."""

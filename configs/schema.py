@@ -1,0 +1,183 @@
+"""The pydantic schema of the whole configuration.
+
+One `Settings` tree; every section is a `BaseModel` with `extra="forbid"`, so a misspelt
+key is an error that names it instead of a silently ignored value. The loader
+(`configs.loader`) fills it from YAML and the environment; the driver resolves it once
+and hands the validated sections to the actors as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSource(_Section):
+    """A generated phone-like screen that carries the frame stamp of DESIGN.md."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    scroll_px_per_frame: Annotated[int, Field(ge=0, le=256, multiple_of=2)] = Field(
+        default=4,
+        description="How far the content scrolls each frame (even, so chroma scrolls too).",
+    )
+
+
+SourceConfig = Annotated[SyntheticSource, Field(discriminator="kind")]
+
+
+class DeviceConfig(_Section):
+    """One device to capture."""
+
+    id: str = Field(pattern=DEVICE_ID_PATTERN, description="Unique id, used in URLs.")
+    source: SourceConfig = Field(
+        default_factory=SyntheticSource, description="Where the frames come from."
+    )
+    width: Annotated[int, Field(ge=16, le=4096, multiple_of=2)] = Field(
+        default=720, description="Frame width in pixels (even)."
+    )
+    height: Annotated[int, Field(ge=16, le=4096, multiple_of=2)] = Field(
+        default=1280, description="Frame height in pixels (even)."
+    )
+    fps: Annotated[int, Field(ge=1, le=120)] = Field(default=30, description="Frames per second.")
+
+
+class EncoderConfig(_Section):
+    """How every stream is encoded."""
+
+    codec: Literal["h264"] = Field(default="h264", description="Output codec (WebRTC H.264).")
+    hwaccel: Literal["auto", "nvenc", "qsv", "vaapi", "libx264"] = Field(
+        default="auto",
+        description="Encoder backend; auto takes the first of nvenc, qsv, vaapi, libx264 "
+        "that opens on the encoder's node.",
+    )
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = Field(
+        default="ultrafast", description="libx264 preset (mapped for hardware backends)."
+    )
+    bitrate_bps: Annotated[int, Field(ge=100_000, le=50_000_000)] = Field(
+        default=2_500_000, description="Target bitrate per stream in bits per second."
+    )
+    keyframe_interval: Annotated[int, Field(ge=1, le=600)] = Field(
+        default=60, description="Frames between IDR frames."
+    )
+    profile: Literal["constrained_baseline"] = Field(
+        default="constrained_baseline",
+        description="H.264 profile; Chromium and aiortc meet on Constrained Baseline.",
+    )
+    threads: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=1,
+        description="libx264 threads per stream (0 = auto). The pool parallelises across "
+        "streams, so one thread per stream is the efficient default.",
+    )
+
+
+class ActorResources(_Section):
+    """Ray resources requested by each encoder actor."""
+
+    num_cpus: Annotated[float, Field(ge=0)] = Field(default=1.0, description="CPU slots.")
+    num_gpus: Annotated[float, Field(ge=0)] = Field(default=0.0, description="GPU fraction.")
+    custom: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="Custom resources, e.g. {nvenc: 1}."
+    )
+
+
+class PoolConfig(_Section):
+    """The pool of encoder actors."""
+
+    workers: PositiveInt = Field(default=2, description="Encoder actors to start.")
+    streams_per_worker: PositiveInt = Field(
+        default=4, description="Most streams one encoder actor carries."
+    )
+    max_in_flight: Annotated[int, Field(ge=1, le=16)] = Field(
+        default=2, description="Raw frames a capture actor keeps in flight to its encoder."
+    )
+    resources: ActorResources = Field(default_factory=ActorResources)
+
+
+class IngressConfig(_Section):
+    """The HTTP / WebRTC ingress."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Bind address.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8080, description="Bind port (0 = any free port)."
+    )
+    token: str | None = Field(
+        default=None, min_length=8, description="Bearer token every /api/* call must carry."
+    )
+    max_viewers_per_device: PositiveInt = Field(default=16, description="Viewers per device.")
+    viewer_queue: Annotated[int, Field(ge=2, le=1000)] = Field(
+        default=60, description="Encoded frames a viewer may fall behind before it skips."
+    )
+
+
+class MonitorConfig(_Section):
+    """The leak monitor."""
+
+    interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=10.0, description="Seconds between samples."
+    )
+    growth_percent: Annotated[float, Field(gt=0)] = Field(
+        default=50.0, description="Growth over baseline that raises a warning."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration.
+
+    Sources, highest first: `CPM__<SECTION>__<FIELD>` environment variables, then the
+    values the loader passes in (the YAML file with the old service's variable names
+    applied on top), then the defaults above.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CPM__",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+    )
+
+    devices: list[DeviceConfig] = Field(default_factory=list, description="Devices to stream.")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_ids(cls, devices: list[DeviceConfig]) -> list[DeviceConfig]:
+        seen: set[str] = set()
+        for device in devices:
+            if device.id in seen:
+                raise ValueError(f"device id {device.id!r} is used twice; ids must be unique")
+            seen.add(device.id)
+        return devices
+
+    @model_validator(mode="after")
+    def _capacity(self) -> Settings:
+        capacity = self.pool.workers * self.pool.streams_per_worker
+        if len(self.devices) > capacity:
+            raise ValueError(
+                f"pool.workers x pool.streams_per_worker = {capacity} streams, "
+                f"fewer than the {len(self.devices)} devices configured"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env or secrets files: what configures a node is the YAML and its environment.
+        return (env_settings, init_settings)

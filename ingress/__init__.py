@@ -1,0 +1,1 @@
+"""The ingress: HTTP signalling, aiortc viewer sessions, fan-out, the viewer page."""

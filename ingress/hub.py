@@ -1,0 +1,231 @@
+"""Per-device fan-out: one encoded stream, any number of viewers, no re-encoding.
+
+Everything here runs on the ingress's event loop. `DeviceHub.push` takes each access unit
+from the stream's encoder, gives it an RTP-ready pts and offers it to every viewer's
+`ViewerFeed`. A feed is a small bounded queue: a viewer that falls behind loses what is
+queued, skips to the next keyframe and asks for one (debounced), so it never slows the
+other viewers. Nothing is dropped without a count.
+
+Timestamps: pts is 90 kHz from the capture wall clock, relative to the hub's first unit,
+and never goes backwards (a unit whose clock would move it back gets previous pts + 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actors.encoder import EncodedUnit
+from actors.stats import percentile
+
+logger = logging.getLogger(__name__)
+
+#: Two keyframe requests closer than this are one request.
+KEYFRAME_DEBOUNCE_S = 0.25
+#: A device that sent nothing for this long is `stalled`.
+STALL_AFTER_S = 2.0
+
+
+@dataclass(frozen=True)
+class OutgoingUnit:
+    """An access unit as viewers receive it."""
+
+    data: bytes
+    pts: int
+    """90 kHz, monotonic per device."""
+    keyframe: bool
+    capture_ms: float
+    seq: int
+
+
+class ViewerFeed:
+    """One viewer's queue of access units."""
+
+    def __init__(self, hub: DeviceHub, maxsize: int) -> None:
+        self.hub = hub
+        self.queue: asyncio.Queue[OutgoingUnit | None] = asyncio.Queue(maxsize)
+        self.waiting_for_keyframe = True
+        self.closed = False
+        self.units_sent = 0
+        self.skipped: dict[str, int] = {}
+
+    def _skip(self, reason: str, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.hub.count_drop(reason, count)
+
+    def offer(self, unit: OutgoingUnit) -> None:
+        if self.closed:
+            return
+        if self.waiting_for_keyframe:
+            if not unit.keyframe:
+                self._skip("waiting_for_keyframe")
+                return
+            self.waiting_for_keyframe = False
+        if self.queue.full():
+            # Behind by a whole queue: what is queued cannot be shown in time. Drop it,
+            # resume at the next keyframe, and ask the encoder for one.
+            lost = self.queue.qsize() + 1
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.waiting_for_keyframe = True
+            self._skip("slow_viewer", lost)
+            self.hub.request_keyframe("slow viewer")
+            return
+        self.queue.put_nowait(unit)
+
+    async def next_unit(self) -> OutgoingUnit | None:
+        """The next unit, or None once the feed is closed."""
+        if self.closed and self.queue.empty():
+            return None
+        unit = await self.queue.get()
+        if unit is not None:
+            self.units_sent += 1
+        return unit
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)  # wakes a waiting next_unit()
+
+
+class DeviceHub:
+    """Fan-out of one device's encoded stream."""
+
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        queue_size: int = 60,
+        request_keyframe: Callable[[], Any] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.queue_size = queue_size
+        self._request_keyframe = request_keyframe
+        self.feeds: set[ViewerFeed] = set()
+        self.units_in = 0
+        self.bytes_in = 0
+        self.keyframes_in = 0
+        self.keyframe_requests = 0
+        self.dropped: dict[str, int] = {}
+        self._epoch_ms: float | None = None
+        self._last_pts = -1
+        self._last_seq = -1
+        self._last_request = 0.0
+        self._last_unit_at = 0.0
+        self._arrivals: deque[tuple[float, int]] = deque(maxlen=300)
+        self.hub_latency_ms: deque[float] = deque(maxlen=1000)
+        self.send_latency_ms: deque[float] = deque(maxlen=1000)
+        self.encode_ms: deque[float] = deque(maxlen=300)
+
+    def set_keyframe_requester(self, request_keyframe: Callable[[], Any] | None) -> None:
+        self._request_keyframe = request_keyframe
+
+    def count_drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    def request_keyframe(self, why: str) -> None:
+        now = time.monotonic()
+        if now - self._last_request < KEYFRAME_DEBOUNCE_S or self._request_keyframe is None:
+            return
+        self._last_request = now
+        self.keyframe_requests += 1
+        logger.debug("%s: keyframe requested (%s)", self.device_id, why)
+        try:
+            self._request_keyframe()
+        except Exception:
+            logger.exception("%s: keyframe request failed", self.device_id)
+
+    def push(self, unit: EncodedUnit) -> None:
+        """Take one access unit from the encoder and offer it to every viewer."""
+        now_ms = time.time() * 1000
+        if unit.seq <= self._last_seq:
+            # Should not happen (one encoder thread submits in order); if it does, the
+            # unit cannot be decoded in place: drop it and resync viewers on a keyframe.
+            self.count_drop("out_of_order")
+            for feed in self.feeds:
+                feed.waiting_for_keyframe = True
+            self.request_keyframe("out of order unit")
+            return
+        self._last_seq = unit.seq
+        if self._epoch_ms is None:
+            self._epoch_ms = unit.capture_ms
+        pts = max(int((unit.capture_ms - self._epoch_ms) * 90), self._last_pts + 1)
+        self._last_pts = pts
+        self.units_in += 1
+        self.bytes_in += len(unit.data)
+        self.keyframes_in += int(unit.keyframe)
+        self._last_unit_at = time.monotonic()
+        self._arrivals.append((self._last_unit_at, len(unit.data)))
+        self.hub_latency_ms.append(now_ms - unit.capture_ms)
+        self.encode_ms.append(unit.encode_ms)
+        out = OutgoingUnit(unit.data, pts, unit.keyframe, unit.capture_ms, unit.seq)
+        for feed in self.feeds:
+            feed.offer(out)
+
+    def add_viewer(self) -> ViewerFeed:
+        feed = ViewerFeed(self, self.queue_size)
+        self.feeds.add(feed)
+        # A new viewer starts on a keyframe; ask for one now rather than wait a GOP.
+        self.request_keyframe("new viewer")
+        return feed
+
+    def remove_viewer(self, feed: ViewerFeed) -> None:
+        feed.close()
+        self.feeds.discard(feed)
+
+    def record_sent(self, unit: OutgoingUnit) -> None:
+        """A viewer's sender took `unit` (the packet handed to WebRTC)."""
+        self.send_latency_ms.append(time.time() * 1000 - unit.capture_ms)
+
+    @property
+    def viewers(self) -> int:
+        return len(self.feeds)
+
+    def status(self) -> str:
+        if self.units_in == 0:
+            return "starting"
+        return "live" if time.monotonic() - self._last_unit_at < STALL_AFTER_S else "stalled"
+
+    def rates(self) -> tuple[float, float]:
+        """(units per second, bits per second) over the last few seconds."""
+        arrivals = [a for a in self._arrivals if time.monotonic() - a[0] < 3.0]
+        if len(arrivals) < 2:
+            return 0.0, 0.0
+        span = arrivals[-1][0] - arrivals[0][0]
+        if span <= 0:
+            return 0.0, 0.0
+        fps = (len(arrivals) - 1) / span
+        bps = sum(size for _, size in arrivals[1:]) * 8 / span
+        return round(fps, 2), round(bps)
+
+    def stats(self) -> dict[str, Any]:
+        fps, bps = self.rates()
+        return {
+            "status": self.status(),
+            "units_in": self.units_in,
+            "keyframes_in": self.keyframes_in,
+            "keyframe_requests": self.keyframe_requests,
+            "bytes_in": self.bytes_in,
+            "fps": fps,
+            "bitrate_bps": bps,
+            "viewers": self.viewers,
+            "dropped": dict(self.dropped),
+            "encode_ms_p50": percentile(self.encode_ms, 50),
+            "encode_ms_p99": percentile(self.encode_ms, 99),
+            "capture_to_ingress_ms_p50": percentile(self.hub_latency_ms, 50),
+            "capture_to_ingress_ms_p99": percentile(self.hub_latency_ms, 99),
+            "capture_to_send_ms_p50": percentile(self.send_latency_ms, 50),
+            "capture_to_send_ms_p99": percentile(self.send_latency_ms, 99),
+        }
+
+    def close(self) -> None:
+        for feed in list(self.feeds):
+            self.remove_viewer(feed)
