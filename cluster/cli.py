@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         logger.info("%s received: stopping", signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
+    # Until Ray is up, Ctrl-C simply interrupts; our handlers go in after ray.init,
+    # which installs handlers of its own that would otherwise replace them.
     import ray
 
     from cluster.pipeline import Pipeline, PipelineError
@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cloudphone-media: cannot start or join Ray: {exc}", file=sys.stderr)
         return EXIT_START
 
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     pipeline = Pipeline(settings)
     code = 0
     try:

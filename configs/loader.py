@@ -58,8 +58,9 @@ def load_settings(
     data = _read_yaml(path) if path is not None else {}
     origins: dict[str, str] = {}
     _apply_legacy_env(data, env, origins)
-    _check_nested_env_names(env)
-    for key in env:
+    # pydantic-settings reads the CPM__ variables from the process environment.
+    _check_nested_env_names(os.environ)
+    for key in os.environ:
         if key.upper().startswith(ENV_PREFIX):
             origins[key.upper()[len(ENV_PREFIX) :].lower().replace("__", ".")] = key.upper()
     try:
