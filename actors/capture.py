@@ -52,11 +52,17 @@ class CaptureWorker:
         """Point the stream at an encoder (None: frames are dropped as `no_encoder`)."""
         self._submit = submit
 
-    async def start(self) -> None:
-        """Start capturing (idempotent)."""
+    async def start(self, phase: float = 0.0) -> None:
+        """Start capturing (idempotent).
+
+        `phase` (0..1) delays the first frame by that fraction of a frame interval: the
+        driver spreads the devices sharing an encoder over the interval so their frames
+        do not all reach it at the same instant.
+        """
         if self._task is None or self._task.done():
             self.status = "live"
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            delay = (phase % 1.0) / self.device.fps
+            self._task = asyncio.get_running_loop().create_task(self._run(delay))
 
     async def stop(self) -> None:
         """Stop capturing and wait for frames in flight (bounded; idempotent)."""
@@ -72,9 +78,9 @@ class CaptureWorker:
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
 
-    async def _run(self) -> None:
+    async def _run(self, delay: float) -> None:
         period = 1.0 / self.device.fps
-        next_tick = time.monotonic()
+        next_tick = time.monotonic() + delay
         while True:
             delay = next_tick - time.monotonic()
             if delay > 0:

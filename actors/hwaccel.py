@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import cast
 
 import av
 import numpy as np
+from av.video.codeccontext import VideoCodecContext
 
 from configs.schema import EncoderConfig
 
@@ -93,11 +95,11 @@ def codec_options(backend: str, config: EncoderConfig, fps: int) -> dict[str, st
 
 def open_context(
     backend: str, config: EncoderConfig, *, width: int, height: int, fps: int
-) -> av.video.codeccontext.VideoCodecContext:
+) -> VideoCodecContext:
     """Open an encoder context for one stream (raises EncoderUnavailable)."""
     name = BACKENDS[backend]
     try:
-        ctx = av.CodecContext.create(name, "w")
+        ctx = cast(VideoCodecContext, av.CodecContext.create(name, "w"))
         ctx.width = width
         ctx.height = height
         ctx.pix_fmt = "yuv420p" if backend == "libx264" else _hw_pix_fmt(backend)

@@ -100,7 +100,11 @@ class Pipeline:
                 ),
                 "ingress",
             )
-        _get([c.start.remote() for c in self.captures.values()], "capture actors")
+        count = max(len(self.captures), 1)
+        _get(
+            [c.start.remote(i / count) for i, c in enumerate(self.captures.values())],
+            "capture actors",
+        )
         _get(self.ingress.set_ready.remote(True), "ingress")
         logger.info(
             "pipeline started: %d devices, %d encoders, %s", len(s.devices), len(infos), url

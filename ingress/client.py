@@ -139,7 +139,7 @@ async def watch(
                     break
                 try:
                     frame = await asyncio.wait_for(track.recv(), remaining)  # type: ignore[attr-defined]
-                except (asyncio.TimeoutError, MediaStreamError):
+                except (TimeoutError, MediaStreamError):
                     break
                 received_ms = int(time.time() * 1000) % (1 << 32)
                 if result.first_frame_s is None:

@@ -124,6 +124,10 @@ class DeviceHub:
         self.hub_latency_ms: deque[float] = deque(maxlen=1000)
         self.send_latency_ms: deque[float] = deque(maxlen=1000)
         self.encode_ms: deque[float] = deque(maxlen=300)
+        # Where capture-to-ingress time goes: before the encoder starts (object store,
+        # actor call, queue), and from the encoder's end to here (the push call).
+        self.to_encoder_ms: deque[float] = deque(maxlen=1000)
+        self.push_ms: deque[float] = deque(maxlen=1000)
 
     def set_keyframe_requester(self, request_keyframe: Callable[[], Any] | None) -> None:
         self._request_keyframe = request_keyframe
@@ -166,6 +170,8 @@ class DeviceHub:
         self._arrivals.append((self._last_unit_at, len(unit.data)))
         self.hub_latency_ms.append(now_ms - unit.capture_ms)
         self.encode_ms.append(unit.encode_ms)
+        self.to_encoder_ms.append(unit.encoded_ms - unit.encode_ms - unit.capture_ms)
+        self.push_ms.append(now_ms - unit.encoded_ms)
         out = OutgoingUnit(unit.data, pts, unit.keyframe, unit.capture_ms, unit.seq)
         for feed in self.feeds:
             feed.offer(out)
@@ -220,6 +226,10 @@ class DeviceHub:
             "dropped": dict(self.dropped),
             "encode_ms_p50": percentile(self.encode_ms, 50),
             "encode_ms_p99": percentile(self.encode_ms, 99),
+            "capture_to_encoder_ms_p50": percentile(self.to_encoder_ms, 50),
+            "capture_to_encoder_ms_p99": percentile(self.to_encoder_ms, 99),
+            "encoder_to_ingress_ms_p50": percentile(self.push_ms, 50),
+            "encoder_to_ingress_ms_p99": percentile(self.push_ms, 99),
             "capture_to_ingress_ms_p50": percentile(self.hub_latency_ms, 50),
             "capture_to_ingress_ms_p99": percentile(self.hub_latency_ms, 99),
             "capture_to_send_ms_p50": percentile(self.send_latency_ms, 50),

@@ -271,7 +271,7 @@ class IngressServer:
             entry = self.devices[name]
             hub = entry.hub.stats()
             enc_name = entry.encoder.get("name")
-            stream = ((by_encoder.get(enc_name) or {}).get("streams") or {}).get(name, {})
+            stream = ((by_encoder.get(enc_name or "") or {}).get("streams") or {}).get(name, {})
             dropped: dict[str, int] = {}
             for stage, counts in (
                 ("capture", (capture or {}).get("dropped", {})),
@@ -292,12 +292,8 @@ class IngressServer:
                 "fps": hub["fps"],
                 "bitrate_bps": hub["bitrate_bps"],
                 "viewers": hub["viewers"],
-                "encode_ms_p50": hub["encode_ms_p50"],
-                "encode_ms_p99": hub["encode_ms_p99"],
-                "capture_to_ingress_ms_p50": hub["capture_to_ingress_ms_p50"],
-                "capture_to_ingress_ms_p99": hub["capture_to_ingress_ms_p99"],
-                "capture_to_send_ms_p50": hub["capture_to_send_ms_p50"],
-                "capture_to_send_ms_p99": hub["capture_to_send_ms_p99"],
+                # Latency percentiles: encode, and capture to each later stage.
+                **{k: v for k, v in hub.items() if k.endswith(("_p50", "_p99"))},
                 "keyframes": hub["keyframes_in"],
                 "keyframe_requests": hub["keyframe_requests"],
                 "node": entry.encoder.get("node"),

@@ -83,7 +83,7 @@ def check_offer(sdp: object) -> None:
                 codec.mimeType.lower() == "video/h264"
                 and str(codec.parameters.get("packetization-mode", "0")) == "1"
             ):
-                if not media.ice.usernameFragment or not media.ice.password:
+                if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
                     raise SdpError("sdp: the video section has no ICE credentials")
                 if media.dtls is None or not media.dtls.fingerprints:
                     raise SdpError("sdp: the video section has no DTLS fingerprint")
@@ -124,6 +124,9 @@ class ViewerSession:
         """Apply the viewer's offer and return the answer SDP (ICE candidates included)."""
         transceiver = self.pc.addTransceiver(self.track, direction="sendonly")
         transceiver.setCodecPreferences(h264_preferences())
+        # aiortc answers a PLI/FIR by flagging its own encoder, which pre-encoded packets
+        # never use (DESIGN decision 6): route it to the stream's encoder instead.
+        transceiver.sender._send_keyframe = lambda: self.hub.request_keyframe("PLI/FIR")  # type: ignore[method-assign]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
