@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dashboard-port", type=int, default=8265, help="dashboard port of a local Ray"
     )
+    bench = sub.add_parser(
+        "bench", help="measure N synthetic devices end to end with real WebRTC viewers"
+    )
+    bench.add_argument("--devices", type=int, default=4, help="synthetic devices (4)")
+    bench.add_argument("--seconds", type=float, default=20.0, help="measurement time (20)")
+    bench.add_argument("--fps", type=int, default=30)
+    bench.add_argument("--width", type=int, default=720)
+    bench.add_argument("--height", type=int, default=1280)
+    bench.add_argument("--workers", type=int, default=2, help="encoder actors (2)")
+    bench.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
+    bench.add_argument("--json", default=None, help="also write the report to this file")
     return parser
 
 
@@ -66,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "run":
         return run(args)
+    if args.command == "bench":
+        from cluster.bench import main as bench_main
+
+        return bench_main(args)
     return EXIT_START  # unreachable: argparse requires a command
 
 

@@ -46,6 +46,9 @@ class IngressActor:
     async def stats(self) -> dict[str, Any]:
         return await self.server.stats()
 
+    async def resources(self) -> dict[str, int]:
+        return self.server.resources()
+
     async def stop(self) -> None:
         await self.server.stop()
 

@@ -16,6 +16,8 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -255,6 +257,24 @@ class IngressServer:
             return _error(404, "session_id: no such session")
         await session.close()
         return web.Response(status=204)
+
+    def resources(self) -> dict[str, int]:
+        """What this process holds now: threads, asyncio tasks, fds, PeerConnections.
+
+        The leak monitor samples it; a viewer that left must leave all of them as they
+        were before it came.
+        """
+        try:
+            fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            fds = -1
+        return {
+            "threads": threading.active_count(),
+            "tasks": len(asyncio.all_tasks()),
+            "fds": fds,
+            "peer_connections": len(self.sessions),
+            "viewers": sum(e.hub.viewers for e in self.devices.values()),
+        }
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(await self.stats())

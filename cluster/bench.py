@@ -1,0 +1,198 @@
+"""`cloudphone-media bench`: N synthetic devices through the whole pipeline, measured.
+
+Runs in the driver process: starts (or joins) Ray, places a pipeline of N synthetic
+devices, attaches one real aiortc viewer per device (ingress/client.py, decoding every
+frame) for T seconds, and reports per device and in total: fps seen by the viewer,
+dropped %, capture-to-decoded latency p50/p95/p99 from the stamps, pipeline latency
+(capture to the packet handed to WebRTC) from the ingress, encode time, and CPU per role
+(processes of this node, by actor class). The viewer's latency includes aiortc's jitter
+buffer, which holds each frame until the next frame's first packet (one frame interval).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from actors.stats import percentile
+from configs.schema import Settings
+
+ROLE_PREFIX = "ray::"
+
+
+def bench_settings(devices: int, *, fps: int, width: int, height: int, workers: int) -> Settings:
+    return Settings(
+        devices=[
+            {"id": f"bench-{i}", "width": width, "height": height, "fps": fps}
+            for i in range(devices)
+        ],
+        pool={"workers": workers, "streams_per_worker": max(1, -(-devices // workers))},
+        ingress={"port": 0},
+    )
+
+
+def _role(cmdline: list[str]) -> str | None:
+    text = " ".join(cmdline)
+    if text.startswith(ROLE_PREFIX):
+        return ROLE_PREFIX + text[len(ROLE_PREFIX) :].split()[0].split(".")[0]
+    for name in ("raylet", "gcs_server", "dashboard.py", "agent.py"):
+        if name in text:
+            return name
+    return None
+
+
+class CpuSampler:
+    """CPU seconds per role between `start` and `stop`, for this node's processes."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._start: dict[int, tuple[str, float]] = {}
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        me = os.getpid()
+        for proc in self._psutil.process_iter(["pid", "cmdline"]):
+            try:
+                role = "client+driver" if proc.pid == me else _role(proc.info["cmdline"] or [])
+                if role is None:
+                    continue
+                times = proc.cpu_times()
+                out[proc.pid] = (role, times.user + times.system)
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                continue
+        return out
+
+    def start(self) -> None:
+        self._start = self._snapshot()
+        self._t0 = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        """Percent of one core per role over the interval."""
+        end = self._snapshot()
+        span = time.monotonic() - self._t0
+        roles: dict[str, float] = {}
+        for pid, (role, cpu) in end.items():
+            before = self._start.get(pid, (role, cpu))[1] if pid in self._start else 0.0
+            roles[role] = roles.get(role, 0.0) + (cpu - before)
+        return {role: round(100 * cpu / span, 1) for role, cpu in sorted(roles.items())}
+
+
+async def _watch_all(url: str, device_ids: list[str], seconds: float) -> list[Any]:
+    from ingress.client import watch
+
+    tasks = [asyncio.create_task(watch(url, d, frames=10**9, timeout=seconds)) for d in device_ids]
+    started = time.monotonic()
+    while not all(t.done() for t in tasks):
+        await asyncio.sleep(1.0)
+        elapsed = time.monotonic() - started
+        print(f"bench: {elapsed:5.1f}/{seconds:.0f} s", file=sys.stderr, flush=True)
+    return [t.result() for t in tasks]
+
+
+def run_bench(settings: Settings, *, seconds: float, warmup: float = 3.0) -> dict[str, Any]:
+    """Run one measurement on the Ray this process is connected to."""
+    import ray
+
+    from cluster.pipeline import Pipeline
+
+    pipeline = Pipeline(settings)
+    try:
+        info = pipeline.start()
+        time.sleep(warmup)
+        before = ray.get(pipeline.ingress.stats.remote())
+        sampler = CpuSampler()
+        sampler.start()
+        results = asyncio.run(_watch_all(info.url, [d.id for d in settings.devices], seconds))
+        cpu = sampler.stop()
+        after = ray.get(pipeline.ingress.stats.remote())
+    finally:
+        pipeline.stop()
+    return _report(settings, seconds, results, before, after, cpu)
+
+
+def _report(
+    settings: Settings,
+    seconds: float,
+    results: list[Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    cpu: dict[str, float],
+) -> dict[str, Any]:
+    devices = {}
+    all_latencies: list[int] = []
+    for result in results:
+        a = after["devices"][result.device_id]
+        b = before["devices"][result.device_id]
+        captured = (a["frames_captured"] or 0) - (b["frames_captured"] or 0)
+        dropped = a["frames_dropped"] - b["frames_dropped"]
+        latencies = result.latencies_ms
+        all_latencies += latencies
+        indices = result.indices
+        devices[result.device_id] = {
+            "frames_received": len(indices),
+            "frames_captured": captured,
+            "in_order": all(y > x for x, y in zip(indices, indices[1:], strict=False)),
+            "decode_errors": result.decode_errors,
+            "fps": round(result.fps(), 2),
+            "dropped_pct": round(100 * dropped / captured, 3) if captured else None,
+            "dropped": a["dropped"],
+            "capture_to_decoded_ms": {
+                p: percentile(latencies, q) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))
+            },
+            "pipeline_ms": {
+                "p50": a.get("capture_to_send_ms_p50"),
+                "p99": a.get("capture_to_send_ms_p99"),
+            },
+            "encode_ms": {"p50": a.get("encode_ms_p50"), "p99": a.get("encode_ms_p99")},
+            "first_frame_s": result.first_frame_s,
+        }
+    return {
+        "devices_n": len(settings.devices),
+        "seconds": seconds,
+        "size": [settings.devices[0].width, settings.devices[0].height]
+        if settings.devices
+        else None,
+        "fps_target": settings.devices[0].fps if settings.devices else None,
+        "encoder": {"hwaccel": settings.encoder.hwaccel, "preset": settings.encoder.preset},
+        "workers": settings.pool.workers,
+        "cpu_percent_of_one_core": cpu,
+        "total": {
+            "fps_mean": round(sum(d["fps"] for d in devices.values()) / max(len(devices), 1), 2),
+            "capture_to_decoded_ms": {
+                p: percentile(all_latencies, q) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))
+            },
+            "pipeline_ms_p99_max": max(
+                (d["pipeline_ms"]["p99"] or 0 for d in devices.values()), default=None
+            ),
+            "dropped_pct_max": max((d["dropped_pct"] or 0 for d in devices.values()), default=None),
+        },
+        "devices": devices,
+    }
+
+
+def main(args: Any) -> int:
+    import ray
+
+    settings = bench_settings(
+        args.devices, fps=args.fps, width=args.width, height=args.height, workers=args.workers
+    )
+    if args.address:
+        ray.init(address=args.address, namespace="cloudphone-media-bench")
+    else:
+        ray.init(include_dashboard=False, namespace="cloudphone-media-bench")
+    try:
+        report = run_bench(settings, seconds=args.seconds)
+    finally:
+        ray.shutdown()
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
