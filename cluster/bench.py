@@ -26,13 +26,15 @@ ROLE_PREFIX = "ray::"
 
 
 def bench_settings(devices: int, *, fps: int, width: int, height: int, workers: int) -> Settings:
-    return Settings(
-        devices=[
-            {"id": f"bench-{i}", "width": width, "height": height, "fps": fps}
-            for i in range(devices)
-        ],
-        pool={"workers": workers, "streams_per_worker": max(1, -(-devices // workers))},
-        ingress={"port": 0},
+    return Settings.model_validate(
+        {
+            "devices": [
+                {"id": f"bench-{i}", "width": width, "height": height, "fps": fps}
+                for i in range(devices)
+            ],
+            "pool": {"workers": workers, "streams_per_worker": max(1, -(-devices // workers))},
+            "ingress": {"port": 0},
+        }
     )
 
 
