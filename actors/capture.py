@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from actors import metrics
+from actors.stats import process_resources
 from actors.synthetic import RawFrame, SyntheticSource
 from configs.schema import DeviceConfig
 
@@ -77,6 +79,7 @@ class CaptureWorker:
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
+        metrics.inc("frames_dropped", count, device=self.device.id, stage="capture", reason=reason)
 
     async def _run(self, delay: float) -> None:
         period = 1.0 / self.device.fps
@@ -101,6 +104,7 @@ class CaptureWorker:
         frame = self.source.next_frame()
         self.frames_captured += 1
         self._captured_at.append(time.monotonic())
+        metrics.inc("frames_captured", device=self.device.id)
         if self._submit is None:
             self._drop("no_encoder")
             return
@@ -131,6 +135,9 @@ class CaptureWorker:
         if len(stamps) < 2 or time.monotonic() - stamps[-1] > 1.0:
             return 0.0
         return round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 2)
+
+    def resources(self) -> dict[str, int]:
+        return {**process_resources(), "frames_in_flight": self._in_flight}
 
     def stats(self) -> dict[str, Any]:
         return {

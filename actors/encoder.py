@@ -22,8 +22,9 @@ from typing import Any
 import av
 import numpy as np
 
+from actors import metrics
 from actors.hwaccel import Detection, detect, open_context
-from actors.stats import node_address, percentile
+from actors.stats import node_address, percentile, process_resources
 from configs.schema import ActorResources, DeviceConfig, EncoderConfig
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,13 @@ class EncoderWorker:
             raise KeyError(f"stream {device_id!r} is not open on {self.name}")
         if time.time() * 1000 - capture_ms > STALE_AFTER_MS:
             stream.stats.drop("stale")
+            metrics.inc("frames_dropped", device=device_id, stage="encoder", reason="stale")
             return 0
         units = stream.encode(data, capture_ms)
+        backend = self.detection.backend
+        for _payload, _keyframe, encode_ms in units:
+            metrics.inc("frames_encoded", device=device_id, encoder=self.name, hwaccel=backend)
+            metrics.observe("encode_latency_ms", encode_ms, device=device_id, hwaccel=backend)
         if self._sink is None:
             return 0
         now = time.time() * 1000
@@ -193,6 +199,9 @@ class EncoderWorker:
                 )
             )
         return len(units)
+
+    def resources(self) -> dict[str, int]:
+        return {**process_resources(), "streams": len(self._streams)}
 
     def stats(self) -> dict[str, Any]:
         streams = {}

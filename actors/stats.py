@@ -25,3 +25,30 @@ def node_address() -> str:
     except Exception:  # noqa: BLE001 - outside Ray any failure just means "no node"
         pass
     return socket.gethostname()
+
+
+def process_resources() -> dict[str, int]:
+    """What this process holds now: OS threads, fds, child processes, asyncio tasks.
+
+    Every actor of the pipeline answers `resources()` with this (plus what it owns, such
+    as PeerConnections); the leak monitor compares it with a baseline.
+    """
+    import asyncio
+
+    import psutil
+
+    proc = psutil.Process()
+    try:
+        fds = proc.num_fds()
+    except (AttributeError, psutil.Error):
+        fds = -1
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop in this thread
+        tasks = 0
+    return {
+        "threads": proc.num_threads(),
+        "fds": fds,
+        "subprocesses": len(proc.children(recursive=True)),
+        "tasks": tasks,
+    }

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="encoder actors (2)")
     bench.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
     bench.add_argument("--json", default=None, help="also write the report to this file")
+    status = sub.add_parser("status", help="a table of every device of a running pipeline")
+    status.add_argument("--address", default=None, help="Ray cluster (default: auto)")
+    status.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace ({NAMESPACE})")
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws")
     return parser
 
 
@@ -77,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "run":
         return run(args)
+    if args.command == "status":
+        from cluster.status import main as status_main
+
+        return status_main(args)
     if args.command == "bench":
         from cluster.bench import main as bench_main
 

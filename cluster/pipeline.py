@@ -15,6 +15,7 @@ import ray
 
 from actors.capture import create_capture_actor
 from actors.encoder import create_encoder_actor
+from actors.monitor import create_monitor_actor
 from actors.pool import assign_streams
 from configs.schema import Settings
 from ingress.actor import create_ingress_actor
@@ -46,11 +47,12 @@ class Pipeline:
         self.ingress: Any = None
         self.encoders: list[Any] = []
         self.captures: dict[str, Any] = {}
+        self.monitor: Any = None
         self.info: PipelineInfo | None = None
 
     @property
     def actors(self) -> list[Any]:
-        found = [self.ingress] if self.ingress is not None else []
+        found = [a for a in (self.ingress, self.monitor) if a is not None]
         return found + list(self.encoders) + list(self.captures.values())
 
     def start(self) -> PipelineInfo:
@@ -100,11 +102,27 @@ class Pipeline:
                 ),
                 "ingress",
             )
+        _get(
+            self.ingress.set_pool.remote(
+                s.pool.workers * s.pool.streams_per_worker, len(placement), 0
+            ),
+            "ingress",
+        )
         count = max(len(self.captures), 1)
         _get(
             [c.start.remote(i / count) for i, c in enumerate(self.captures.values())],
             "capture actors",
         )
+        self.monitor = create_monitor_actor(s.monitor)
+        watched = {"ingress": self.ingress}
+        watched.update({f"encoder-{i}": e for i, e in enumerate(self.encoders)})
+        watched.update({f"capture:{d}": c for d, c in self.captures.items()})
+        _get(
+            [self.monitor.watch_actor.remote(name, handle) for name, handle in watched.items()],
+            "monitor",
+        )
+        _get(self.monitor.start.remote(), "monitor")
+        _get(self.ingress.set_monitor.remote(self.monitor), "ingress")
         _get(self.ingress.set_ready.remote(True), "ingress")
         logger.info(
             "pipeline started: %d devices, %d encoders, %s", len(s.devices), len(infos), url
@@ -114,6 +132,8 @@ class Pipeline:
     def stop(self) -> None:
         """Stop capture, close viewer sessions, kill every actor started (idempotent)."""
         refs = [c.stop.remote() for c in self.captures.values()]
+        if self.monitor is not None:
+            refs.append(self.monitor.stop.remote())
         if self.ingress is not None:
             refs.append(self.ingress.stop.remote())
         if refs:
@@ -129,6 +149,7 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("kill failed: %s", exc)
         self.ingress = None
+        self.monitor = None
         self.encoders = []
         self.captures = {}
         self.info = None

@@ -40,6 +40,12 @@ class IngressActor:
     async def set_ready(self, ready: bool = True) -> None:
         self.server.set_ready(ready)
 
+    async def set_pool(self, capacity: int, streams: int, pending: int) -> None:
+        self.server.set_pool(capacity=capacity, streams=streams, pending=pending)
+
+    async def set_monitor(self, monitor: Any) -> None:
+        self.server.set_monitor(lambda: monitor.last_sample.remote())
+
     async def push(self, unit: EncodedUnit) -> None:
         self.server.push(unit)
 

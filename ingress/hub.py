@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actors import metrics
 from actors.encoder import EncodedUnit
 from actors.stats import percentile
 
@@ -120,6 +121,7 @@ class DeviceHub:
         self._last_seq = -1
         self._last_request = 0.0
         self._last_unit_at = 0.0
+        self._gauges_at = 0.0
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=300)
         self.hub_latency_ms: deque[float] = deque(maxlen=1000)
         self.send_latency_ms: deque[float] = deque(maxlen=1000)
@@ -134,6 +136,7 @@ class DeviceHub:
 
     def count_drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
+        metrics.inc("frames_dropped", count, device=self.device_id, stage="ingress", reason=reason)
 
     def request_keyframe(self, why: str) -> None:
         now = time.monotonic()
@@ -172,6 +175,10 @@ class DeviceHub:
         self.encode_ms.append(unit.encode_ms)
         self.to_encoder_ms.append(unit.encoded_ms - unit.encode_ms - unit.capture_ms)
         self.push_ms.append(now_ms - unit.encoded_ms)
+        if self._last_unit_at - self._gauges_at >= 1.0:
+            self._gauges_at = self._last_unit_at
+            metrics.set_gauge("viewers", self.viewers, device=self.device_id)
+            metrics.set_gauge("bitrate_bps", self.rates()[1], device=self.device_id)
         out = OutgoingUnit(unit.data, pts, unit.keyframe, unit.capture_ms, unit.seq)
         for feed in self.feeds:
             feed.offer(out)
@@ -189,7 +196,9 @@ class DeviceHub:
 
     def record_sent(self, unit: OutgoingUnit) -> None:
         """A viewer's sender took `unit` (the packet handed to WebRTC)."""
-        self.send_latency_ms.append(time.time() * 1000 - unit.capture_ms)
+        latency = time.time() * 1000 - unit.capture_ms
+        self.send_latency_ms.append(latency)
+        metrics.observe("capture_to_send_ms", latency, device=self.device_id)
 
     @property
     def viewers(self) -> int:

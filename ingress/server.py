@@ -16,8 +16,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
+from actors import metrics
 from actors.encoder import EncodedUnit
+from actors.stats import process_resources
 from configs.schema import DeviceConfig, IngressConfig
 from ingress.hub import DeviceHub
 from ingress.session import SdpError, ViewerSession, check_offer
@@ -66,6 +66,8 @@ class IngressServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.started_at = time.time()
+        self.pool: dict[str, int] = {}
+        self.monitor_sample: StatsSource | None = None
 
     # -- wiring (called by the driver) ------------------------------------------------
 
@@ -93,6 +95,17 @@ class IngressServer:
 
     def set_ready(self, ready: bool = True) -> None:
         self.ready = ready
+
+    def set_pool(self, *, capacity: int, streams: int, pending: int) -> None:
+        """The encoder pool's state, for /api/stats and the pool gauges."""
+        self.pool = {"capacity_streams": capacity, "streams": streams, "pending_streams": pending}
+        metrics.set_gauge("pool_capacity_streams", capacity)
+        metrics.set_gauge("pool_streams", streams)
+        metrics.set_gauge("pool_pending_streams", pending)
+
+    def set_monitor(self, last_sample: StatsSource) -> None:
+        """Where /api/stats finds the leak monitor's last sample."""
+        self.monitor_sample = last_sample
 
     def push(self, unit: EncodedUnit) -> None:
         entry = self.devices.get(unit.device_id)
@@ -259,19 +272,13 @@ class IngressServer:
         return web.Response(status=204)
 
     def resources(self) -> dict[str, int]:
-        """What this process holds now: threads, asyncio tasks, fds, PeerConnections.
+        """Threads, fds, subprocesses and tasks of this process, and what it owns.
 
-        The leak monitor samples it; a viewer that left must leave all of them as they
-        were before it came.
+        The leak monitor samples it: a viewer that left must leave every count as it
+        was before it came.
         """
-        try:
-            fds = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            fds = -1
         return {
-            "threads": threading.active_count(),
-            "tasks": len(asyncio.all_tasks()),
-            "fds": fds,
+            **process_resources(),
             "peer_connections": len(self.sessions),
             "viewers": sum(e.hub.viewers for e in self.devices.values()),
         }
@@ -324,6 +331,8 @@ class IngressServer:
             "time": time.time(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "sessions": len(self.sessions),
+            "pool": self.pool,
+            "monitor": await _bounded(self.monitor_sample),
             "devices": devices,
             "encoders": {n: e for n, e in by_encoder.items()},
         }
