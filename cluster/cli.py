@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -117,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     from cluster.pipeline import Pipeline, PipelineError
 
     print(f"cloudphone-media: configuration {config_path}, {len(settings.devices)} devices")
+    if not args.address:
+        prepare_local_dashboard()
     try:
         if args.address:
             context = ray.init(address=args.address, namespace=NAMESPACE)
@@ -144,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
             print("cloudphone-media: (append ?token=<ingress.token> to the viewer URL)")
         if dashboard:
             print(f"cloudphone-media: dashboard http://{dashboard}/", flush=True)
+            print(
+                "cloudphone-media: (the dashboard asks for Ray's token, in ~/.ray/auth_token "
+                "on the head node, unless RAY_AUTH_MODE=disabled)",
+                flush=True,
+            )
         else:
             print("cloudphone-media: dashboard not running (start Ray with the dashboard)")
         print("cloudphone-media: running; Ctrl-C to stop", flush=True)
@@ -160,6 +169,20 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         print("cloudphone-media: stopped", flush=True)
     return code
+
+
+def prepare_local_dashboard() -> None:
+    """Let the dashboard of a Ray we start take stack traces and flame graphs.
+
+    Ray 2.60 turns its py-spy endpoints off unless RAY_DASHBOARD_ENABLE_PROFILING=1 is
+    set for the head, and looks py-spy up on PATH: a virtual environment that was not
+    activated has it only beside this interpreter. The dashboard listens on 127.0.0.1
+    and asks for Ray's token, so enabling it locally exposes nothing.
+    """
+    os.environ.setdefault("RAY_DASHBOARD_ENABLE_PROFILING", "1")
+    bin_dir = os.path.dirname(sys.executable)
+    if shutil.which("py-spy") is None and os.path.exists(os.path.join(bin_dir, "py-spy")):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 def _print_status(pipeline: Any) -> None:

@@ -6,6 +6,7 @@ DevTools protocol; nothing is assumed from the page having loaded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,21 @@ def test_every_device_decodes_in_chromium(demo: PipelineInfo, tmp_path: Path) ->
             return bool(frames) and min(frames) >= 90
 
         wait_for(all_playing, 60, "90 presented frames on every device", interval=0.5)
+        # The overlay shows fps, bitrate and the glass-to-glass latency read from the stamp.
+        overlays = wait_for(
+            lambda: (
+                (
+                    texts := browser.evaluate(
+                        "[...document.querySelectorAll('.device .overlay')].map(e => e.textContent)"
+                    )
+                )
+                and all(re.search(r"glass \d+ ms", t) for t in texts)
+                and texts
+            ),
+            10,
+            "a glass-to-glass figure on every device's overlay",
+        )
+        assert all(re.search(r"\d+\.\d fps +\d+\.\d\d Mbit/s", t) for t in overlays), overlays
         state = browser.evaluate("window.cpm")
         browser.screenshot(tmp_path / "page.png")  # kept by pytest, for a look
     assert state["errors"] == []

@@ -110,19 +110,15 @@ def test_run_on_existing_ray_leaves_no_actor(ray_local: Any, tmp_path: Path) -> 
         url = cli.read_until(r"viewer\s+(http://\S+)", 120).group(1)
         assert get_json(url + "healthz") == {"status": "ok"}
         assert [d["id"] for d in get_json(url + "api/devices")] == ["cli-0", "cli-1"]
-        assert our_actors("cloudphone-media") == [
-            "capture:cli-0",
-            "capture:cli-1",
-            "encoder-0",
-            "ingress",
-        ]
+        names = ["capture:cli-0", "capture:cli-1", "encoder-0", "ingress", "monitor"]
+        assert our_actors("cloudphone-media") == names
         ids = {
             a["ActorID"]: a["Name"]
             for a in ray._private.state.actors().values()
-            if a.get("Name") in ("capture:cli-0", "capture:cli-1", "encoder-0", "ingress")
+            if a.get("Name") in names
             and a["State"] == "ALIVE"
         }
-        assert len(ids) == 4
+        assert len(ids) == 5
     finally:
         code = cli.stop(signal.SIGTERM)
     assert code == 0, "".join(cli.lines)
@@ -150,6 +146,7 @@ def test_run_with_local_ray_stops_everything_it_started(tmp_path: Path) -> None:
         dashboard = cli.read_until(r"dashboard\s+(http://\S+)", 10).group(1)
         assert f":{dashboard_port}" in dashboard
         wait_for(lambda: get_json(url + "api/devices")[0]["status"] == "live", 30, "device live")
+        check_dashboard(dashboard)
         children = psutil.Process(cli.process.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "raylet" in names and "gcs_server" in names
@@ -161,6 +158,33 @@ def test_run_with_local_ray_stops_everything_it_started(tmp_path: Path) -> None:
         return not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
     wait_for(gone, 30, "every process the CLI started to exit")
+
+
+def check_dashboard(dashboard: str) -> None:
+    """The dashboard lists our actors by name and takes a stack trace of one (py-spy)."""
+    token_file = Path.home() / ".ray" / "auth_token"
+    headers = (
+        {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+    )
+
+    def fetch(path: str) -> bytes:
+        request = urllib.request.Request(dashboard.rstrip("/") + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return bytes(response.read())
+
+    def actors() -> dict[str, Any] | None:
+        rows = json.loads(fetch("/api/v0/actors?limit=100"))["data"]["result"]["result"]
+        alive = {r["name"]: r for r in rows if r["state"] == "ALIVE"}
+        return alive if {"ingress", "monitor", "encoder-0", "capture:cli-0"} <= set(alive) else None
+
+    alive = wait_for(actors, 30, "the dashboard to list ingress, monitor, encoder-0, capture:cli-0")
+    ingress = alive["ingress"]
+    import ray
+
+    ip = ray.util.get_node_ip_address()  # the one node of this local Ray is this machine
+    trace = fetch(f"/worker/traceback?pid={ingress['pid']}&ip={ip}&native=0").decode()
+    assert "Thread" in trace or "Process" in trace, trace[:500]
+    assert "not installed" not in trace and "disabled" not in trace, trace[:500]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
