@@ -17,6 +17,9 @@ from ingress.client import watch
 from tests.conftest import settings, wait_for
 
 CYCLES = 20
+#: Ray's own gRPC threads (and their fds) come and go in every worker; a leak per viewer
+#: would grow by about CYCLES / 2 or more, far past this.
+SLACK = {"threads": 2, "fds": 2}
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +74,15 @@ def test_connect_disconnect_cycles_leave_nothing(pipeline: Pipeline) -> None:
 
     asyncio.run(cycles())
 
-    def settled() -> dict[str, int] | None:
-        now = ray.get(pipeline.ingress.resources.remote())
-        if now["peer_connections"] or now["viewers"]:
-            return None
-        if now["fds"] > baseline["fds"] or now["tasks"] > baseline["tasks"]:
-            return None
-        if now["threads"] > baseline["threads"]:
-            return None
-        return now
+    last: dict[str, int] = {}
 
-    after = wait_for(settled, 30, f"resources back to the baseline {baseline}")
+    def settled() -> dict[str, int] | None:
+        last.update(ray.get(pipeline.ingress.resources.remote()))
+        grown = {k: v for k, v in last.items() if v > baseline.get(k, 0) + SLACK.get(k, 0)}
+        return None if grown else dict(last)
+
+    try:
+        after = wait_for(settled, 30, f"resources back to the baseline {baseline}")
+    except AssertionError:
+        raise AssertionError(f"not back to baseline {baseline}: now {last}") from None
     print(f"\nafter {CYCLES} cycles: baseline {baseline}, now {after}")
