@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actors import metrics
-from actors.stats import process_resources
+from actors.stats import node_id, process_resources
 from actors.synthetic import RawFrame, SyntheticSource
 from configs.schema import DeviceConfig
 
@@ -26,6 +26,20 @@ logger = logging.getLogger(__name__)
 
 #: Hands one frame to the encoder; the awaitable completes when it has been encoded.
 Submit = Callable[[RawFrame], Awaitable[Any]]
+
+#: Frames waiting this long on a full in-flight window make the encoder a suspect.
+STUCK_AFTER_S = 0.3
+#: One report per encoder per this many seconds.
+REPORT_EVERY_S = 1.0
+
+
+def _is_actor_death(exc: BaseException) -> bool:
+    try:
+        import ray
+
+        return isinstance(exc, ray.exceptions.RayActorError)
+    except ImportError:
+        return False
 
 
 class CaptureWorker:
@@ -45,14 +59,30 @@ class CaptureWorker:
         self.frames_encoded = 0
         self.dropped: dict[str, int] = {}
         self._in_flight = 0
+        self._in_flight_since: dict[int, float] = {}
+        self._generation = 0
         self._submit: Submit | None = None
+        self.encoder_name: str | None = None
+        self.raw_bytes_cross_node = 0
+        self._reported: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._captured_at: deque[float] = deque(maxlen=4 * device.fps)
 
-    def set_encoder(self, submit: Submit | None) -> None:
-        """Point the stream at an encoder (None: frames are dropped as `no_encoder`)."""
+    def set_encoder(self, submit: Submit | None, name: str | None = None) -> None:
+        """Point the stream at an encoder (None: frames are dropped as `no_encoder`).
+
+        Frames still in flight to a previous encoder no longer hold back-pressure slots:
+        that encoder may be gone, and its answers may never come.
+        """
         self._submit = submit
+        self.encoder_name = name
+        self._generation += 1
+        self._in_flight = 0
+        self._in_flight_since.clear()
+
+    def encoder_failed(self, name: str, reason: str) -> None:
+        """The encoder `name` failed or stopped answering (the pool's concern)."""
 
     async def start(self, phase: float = 0.0) -> None:
         """Start capturing (idempotent).
@@ -108,26 +138,56 @@ class CaptureWorker:
         if self._submit is None:
             self._drop("no_encoder")
             return
+        now = time.monotonic()
         if self._in_flight >= self.max_in_flight:
             self._drop("backpressure")
+            oldest = min(self._in_flight_since.values(), default=now)
+            if now - oldest > STUCK_AFTER_S:
+                self._report(self.encoder_name, "unresponsive")
             return
         self._in_flight += 1
         self.frames_sent += 1
-        task = asyncio.get_running_loop().create_task(self._await_encoded(self._submit(frame)))
+        token = self.frames_sent
+        self._in_flight_since[token] = now
+        result = self._submit(frame)
+        task = asyncio.get_running_loop().create_task(
+            self._await_encoded(result, token, self._generation, self.encoder_name)
+        )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _await_encoded(self, result: Awaitable[Any]) -> None:
+    def _report(self, name: str | None, reason: str) -> None:
+        if name is None:
+            return
+        now = time.monotonic()
+        if now - self._reported.get(name, 0.0) < REPORT_EVERY_S:
+            return
+        self._reported[name] = now
+        logger.warning("%s: encoder %s %s", self.device.id, name, reason)
+        try:
+            self.encoder_failed(name, reason)
+        except Exception:
+            logger.exception("reporting the failure of %s failed", name)
+
+    async def _await_encoded(
+        self, result: Awaitable[Any], token: int, generation: int, name: str | None
+    ) -> None:
         try:
             await result
             self.frames_encoded += 1
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - an encoder failure must not stop capture
-            self._drop("encoder_error")
-            logger.warning("encoding a frame of %s failed: %s", self.device.id, exc)
+            lost = _is_actor_death(exc)
+            self._drop("encoder_lost" if lost else "encoder_error")
+            if lost:
+                self._report(name, "died")
+            else:
+                logger.warning("encoding a frame of %s failed: %s", self.device.id, exc)
         finally:
-            self._in_flight -= 1
+            if generation == self._generation:
+                self._in_flight -= 1
+                self._in_flight_since.pop(token, None)
 
     def fps(self) -> float:
         """Frames captured per second over the last few seconds."""
@@ -147,6 +207,8 @@ class CaptureWorker:
             "frames_sent": self.frames_sent,
             "frames_encoded": self.frames_encoded,
             "in_flight": self._in_flight,
+            "encoder": self.encoder_name,
+            "raw_bytes_cross_node": self.raw_bytes_cross_node,
             "dropped": dict(self.dropped),
             "fps": self.fps(),
         }
@@ -155,29 +217,67 @@ class CaptureWorker:
 class CaptureActor(CaptureWorker):
     """The `capture:<device>` actor: a CaptureWorker that feeds an encoder actor."""
 
-    def set_encoder_actor(self, encoder: Any) -> None:
-        """Send frames to `encoder` (an EncoderActor handle), as object refs."""
+    def __init__(self, *, device: DeviceConfig, max_in_flight: int = 2) -> None:
+        super().__init__(device=device, max_in_flight=max_in_flight)
+        self._pool: Any = None
+        self.node_id = node_id()
+
+    def where(self) -> str:
+        """The Ray node id this capture runs on (the pool places encoders near it)."""
+        return self.node_id
+
+    def set_pool(self, pool: Any) -> None:
+        self._pool = pool
+
+    def encoder_failed(self, name: str, reason: str) -> None:
+        if self._pool is not None:
+            self._pool.encoder_failed.remote(self.device.id, name, reason)
+
+    def set_encoder_actor(self, encoder: Any, info: dict[str, Any] | None = None) -> None:
+        """Send frames to `encoder` (an EncoderActor handle) as object refs; None: pending."""
         import ray
 
+        if encoder is None:
+            self.set_encoder(None)
+            return
+        info = info or {}
         device_id = self.device.id
+        remote = info.get("node_id") not in (None, self.node_id)
 
         def submit(frame: RawFrame) -> Any:
             # Put once; the encoder reads it zero-copy on this node and the ref is
             # released as soon as the encode task ends (DESIGN decision 3).
             ref = ray.put(frame.data)
+            if remote:
+                self.raw_bytes_cross_node += frame.data.nbytes
             return encoder.encode.remote(device_id, ref, frame.index, frame.capture_ms)
 
-        self.set_encoder(submit)
+        self.set_encoder(submit, info.get("name"))
 
 
-def create_capture_actor(device: DeviceConfig, *, max_in_flight: int) -> Any:
-    """Start the `capture:<device>` actor (not yet capturing: call `start`)."""
+def create_capture_actor(
+    device: DeviceConfig, *, max_in_flight: int, scheduling_strategy: Any = None
+) -> Any:
+    """Start the `capture:<device>` actor (not yet capturing: call `start`).
+
+    It asks for `device.capture_resources` (to land on the node that reaches the device);
+    without them it follows `scheduling_strategy` (the driver pins it to its own node).
+    """
     import ray
 
     # The capture loop is light (one memcpy and one put per frame); the CPU request sits
     # with the encoders, so captures never wait for a CPU slot.
+    options: dict[str, Any] = {
+        "name": f"capture:{device.id}",
+        "num_cpus": 0,
+        "max_concurrency": 64,
+    }
+    if device.capture_resources:
+        options["resources"] = dict(device.capture_resources)
+    elif scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
     return (
         ray.remote(CaptureActor)
-        .options(name=f"capture:{device.id}", num_cpus=0, max_concurrency=64)
+        .options(**options)
         .remote(device=device, max_in_flight=max_in_flight)
     )

@@ -21,16 +21,23 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.codeccontext import VideoCodecContext
 
 from actors import metrics
 from actors.hwaccel import Detection, detect, open_context
-from actors.stats import node_address, percentile, process_resources
+from actors.stats import node_address, node_id, percentile, process_resources
 from configs.schema import ActorResources, DeviceConfig, EncoderConfig
 
 logger = logging.getLogger(__name__)
 
 #: A frame not started within this many ms of its capture is dropped as stale.
 STALE_AFTER_MS = 200
+#: Handing an access unit to the ingress has this budget (the old service's deadline).
+PUSH_BUDGET_MS = 100
+#: Units that may wait unacknowledged on the ingress before it counts as unavailable.
+MAX_PENDING_PUSHES = 60
+#: At most one bitrate change per this many seconds (each one costs an IDR).
+BITRATE_MIN_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class StreamStats:
     frames_encoded: int = 0
     bytes_out: int = 0
     keyframes: int = 0
+    bitrate_changes: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     encode_ms: deque[float] = field(default_factory=lambda: deque(maxlen=300))
 
@@ -71,16 +79,60 @@ class StreamStats:
 class StreamEncoder:
     """One stream's encoder: raw yuv420p frames in, Annex-B access units out."""
 
-    def __init__(self, device: DeviceConfig, config: EncoderConfig, backend: str) -> None:
+    def __init__(
+        self,
+        device: DeviceConfig,
+        config: EncoderConfig,
+        backend: str,
+        bitrate_bps: int | None = None,
+    ) -> None:
         self.device = device
         self.config = config
         self.backend = backend
         self.stats = StreamStats()
         self._keyframe_requested = False
-        self._ctx = open_context(
-            backend, config, width=device.width, height=device.height, fps=device.fps
-        )
+        self.bitrate_bps = config.clamp_bitrate(bitrate_bps or config.bitrate_bps)
+        self._ctx = self._open(self.bitrate_bps)
+        self._pending_bitrate: int | None = None
+        self._reconfigured_at = 0.0
         self._last_pts = -1
+
+    def _open(self, bitrate_bps: int) -> VideoCodecContext:
+        config = self.config.model_copy(update={"bitrate_bps": bitrate_bps})
+        device = self.device
+        return open_context(
+            self.backend, config, width=device.width, height=device.height, fps=device.fps
+        )
+
+    def set_bitrate(self, bps: int) -> int:
+        """Ask for a new target bitrate (clamped to the configured range); return it.
+
+        libx264 behind PyAV ignores a bit_rate changed after open, so the change is made
+        by opening a new encoder at the next frame, which starts with SPS/PPS and an IDR.
+        Changes under 10 % are ignored and changes are at most one per
+        BITRATE_MIN_INTERVAL_S, so a stream of REMB estimates costs few keyframes.
+        """
+        target = self.config.clamp_bitrate(bps)
+        if abs(target - self.bitrate_bps) >= 0.1 * self.bitrate_bps:
+            self._pending_bitrate = target
+        else:
+            self._pending_bitrate = None
+        return target
+
+    def _apply_bitrate(self) -> None:
+        target = self._pending_bitrate
+        if target is None or time.monotonic() - self._reconfigured_at < BITRATE_MIN_INTERVAL_S:
+            return
+        self._pending_bitrate = None
+        old, self._ctx = self._ctx, self._open(target)
+        self._reconfigured_at = time.monotonic()
+        self.bitrate_bps = target
+        self.stats.bitrate_changes += 1
+        try:
+            old.encode(None)
+        except av.FFmpegError:
+            logger.debug("flushing the replaced encoder failed", exc_info=True)
+        logger.info("%s: bitrate now %d bps", self.device.id, target)
 
     def request_keyframe(self) -> None:
         """The next frame becomes an IDR (with SPS/PPS in front)."""
@@ -89,6 +141,7 @@ class StreamEncoder:
     def encode(self, data: np.ndarray, capture_ms: float) -> list[tuple[bytes, bool, float]]:
         """Encode one frame; return its access units as (bytes, keyframe, encode ms)."""
         start = time.perf_counter()
+        self._apply_bitrate()
         frame = av.VideoFrame.from_ndarray(data, format="yuv420p")
         if self._ctx.pix_fmt != "yuv420p":
             frame = frame.reformat(format=self._ctx.pix_fmt)
@@ -132,6 +185,7 @@ class EncoderWorker:
         self._sink = sink
         self._streams: dict[str, StreamEncoder] = {}
         self.node = node_address()
+        self.node_id = node_id()
 
     def set_sink(self, sink: Sink) -> None:
         self._sink = sink
@@ -140,19 +194,31 @@ class EncoderWorker:
         return {
             "name": self.name,
             "node": self.node,
+            "node_id": self.node_id,
             "hwaccel": self.detection.backend,
             "codec": self.detection.codec_name,
             "streams": sorted(self._streams),
         }
 
-    def open_stream(self, device: DeviceConfig) -> dict[str, Any]:
-        """Bind `device`'s stream to this worker (idempotent)."""
+    def open_stream(self, device: DeviceConfig, bitrate_bps: int | None = None) -> dict[str, Any]:
+        """Bind `device`'s stream to this worker (idempotent); its first frame is an IDR."""
         if device.id not in self._streams:
-            self._streams[device.id] = StreamEncoder(device, self.config, self.detection.backend)
+            self._streams[device.id] = StreamEncoder(
+                device, self.config, self.detection.backend, bitrate_bps
+            )
             logger.info(
                 "%s: stream %s opened (%s)", self.name, device.id, self.detection.codec_name
             )
         return self.info()
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness check of the pool; answers after the frames queued before it."""
+        return self.info()
+
+    def set_bitrate(self, device_id: str, bps: int) -> int | None:
+        """Set a stream's target bitrate (clamped); return the value applied, or None."""
+        stream = self._streams.get(device_id)
+        return None if stream is None else stream.set_bitrate(bps)
 
     def close_stream(self, device_id: str) -> None:
         stream = self._streams.pop(device_id, None)
@@ -209,6 +275,8 @@ class EncoderWorker:
             s = stream.stats
             times = sorted(s.encode_ms)
             streams[device_id] = {
+                "bitrate_bps": stream.bitrate_bps,
+                "bitrate_changes": s.bitrate_changes,
                 "frames_in": s.frames_in,
                 "frames_encoded": s.frames_encoded,
                 "keyframes": s.keyframes,
@@ -228,22 +296,54 @@ class EncoderActor(EncoderWorker):
     """The `encoder-<n>` actor: an EncoderWorker whose sink is the ingress actor."""
 
     def set_ingress(self, ingress: Any) -> None:
-        # Fire and forget: submission order from this one thread is the order the
-        # ingress receives them in, and the ingress counts any unit that arrives late.
-        self.set_sink(lambda unit: ingress.push.remote(unit))
+        self._ingress = ingress
+        self._pushes: deque[Any] = deque()
+        self.set_sink(self._push)
+
+    def _push(self, unit: EncodedUnit) -> None:
+        # Fire and forget: submission order from this one thread is the order the ingress
+        # receives them in. Acknowledgements are reaped here; if the ingress has left a
+        # whole queue of units unacknowledged it is gone or stuck, and more units would
+        # only pile up in this process: drop them (counted) and resume on an IDR.
+        import ray
+
+        if self._pushes:
+            ready, _ = ray.wait(list(self._pushes), num_returns=len(self._pushes), timeout=0)
+            done = set(ready)
+            self._pushes = deque(r for r in self._pushes if r not in done)
+        stream = self._streams.get(unit.device_id)
+        if len(self._pushes) >= MAX_PENDING_PUSHES:
+            if stream is not None:
+                stream.stats.drop("ingress_unavailable")
+                stream.request_keyframe()
+            metrics.inc(
+                "frames_dropped",
+                device=unit.device_id,
+                stage="encoder",
+                reason="ingress_unavailable",
+            )
+            return
+        self._pushes.append(self._ingress.push.remote(unit))
 
 
-def create_encoder_actor(index: int, *, encoder: EncoderConfig, resources: ActorResources) -> Any:
+def create_encoder_actor(
+    index: int,
+    *,
+    encoder: EncoderConfig,
+    resources: ActorResources,
+    scheduling_strategy: Any = None,
+) -> Any:
     """Start the `encoder-<index>` actor with the Ray resources the config asks for."""
     import ray
 
+    options: dict[str, Any] = {
+        "name": f"encoder-{index}",
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "resources": dict(resources.custom),
+    }
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
     return (
-        ray.remote(EncoderActor)
-        .options(
-            name=f"encoder-{index}",
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
-            resources=dict(resources.custom),
-        )
-        .remote(name=f"encoder-{index}", encoder=encoder)
+        ray.remote(EncoderActor).options(**options).remote(name=f"encoder-{index}", encoder=encoder)
     )

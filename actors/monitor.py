@@ -78,6 +78,10 @@ class LeakMonitor:
     async def sample_once(self) -> dict[str, Any]:
         """Take one sample, compare it with the baselines, return it."""
         values: dict[str, dict[str, int]] = {}
+        try:
+            await self.refresh()
+        except Exception as exc:  # noqa: BLE001 - sample what is known
+            logger.warning("leak monitor: refreshing the watched actors failed: %s", exc)
         if self.cluster:
             values["cluster"] = await asyncio.to_thread(_cluster_sample)
         names = list(self.probes)
@@ -138,6 +142,9 @@ class LeakMonitor:
     def last_sample(self) -> dict[str, Any]:
         return self.last
 
+    async def refresh(self) -> None:
+        """Update the watched set before a sample (actors come and go)."""
+
 
 def _cluster_sample() -> dict[str, int]:
     """Live actors by class and object-store bytes in use, over the whole cluster."""
@@ -166,8 +173,24 @@ def _cluster_sample() -> dict[str, int]:
 class MonitorActor(LeakMonitor):
     """The `monitor` actor: watches actors by handle (their `resources()` method)."""
 
+    _pool: Any = None
+
     def watch_actor(self, name: str, handle: Any) -> None:
         self.watch(name, lambda: handle.resources.remote())
+
+    def watch_pool(self, pool: Any) -> None:
+        """Watch every encoder the pool runs, as they come and go."""
+        self._pool = pool
+
+    async def refresh(self) -> None:
+        if self._pool is None:
+            return
+        handles = await asyncio.wait_for(self._pool.encoder_handles.remote(), SAMPLE_TIMEOUT_S)
+        for name in [n for n in self.probes if n.startswith("encoder-") and n not in handles]:
+            self.unwatch(name)
+        for name, handle in handles.items():
+            if name not in self.probes:
+                self.watch_actor(name, handle)
 
 
 def create_monitor_actor(config: MonitorConfig) -> Any:

@@ -27,6 +27,18 @@ def node_address() -> str:
     return socket.gethostname()
 
 
+def node_id() -> str:
+    """The Ray node id this process runs on ("local" outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # noqa: BLE001
+        pass
+    return "local"
+
+
 def process_resources() -> dict[str, int]:
     """What this process holds now: OS threads, fds, child processes, asyncio tasks.
 

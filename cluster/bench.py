@@ -32,7 +32,11 @@ def bench_settings(devices: int, *, fps: int, width: int, height: int, workers: 
                 {"id": f"bench-{i}", "width": width, "height": height, "fps": fps}
                 for i in range(devices)
             ],
-            "pool": {"workers": workers, "streams_per_worker": max(1, -(-devices // workers))},
+            "pool": {
+                "min_workers": workers,
+                "max_workers": workers,
+                "streams_per_worker": max(1, -(-devices // workers)),
+            },
             "ingress": {"port": 0},
         }
     )
@@ -163,7 +167,7 @@ def _report(
         else None,
         "fps_target": settings.devices[0].fps if settings.devices else None,
         "encoder": {"hwaccel": settings.encoder.hwaccel, "preset": settings.encoder.preset},
-        "workers": settings.pool.workers,
+        "workers": settings.pool.min_workers,
         "cpu_percent_of_one_core": cpu,
         "total": {
             "fps_mean": round(sum(d["fps"] for d in devices.values()) / max(len(devices), 1), 2),

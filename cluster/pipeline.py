@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.capture import create_capture_actor
-from actors.encoder import create_encoder_actor
 from actors.monitor import create_monitor_actor
-from actors.pool import assign_streams
+from actors.pool import create_pool_actor
 from configs.schema import Settings
 from ingress.actor import create_ingress_actor
 
@@ -45,15 +45,22 @@ class Pipeline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ingress: Any = None
-        self.encoders: list[Any] = []
+        self.pool: Any = None
         self.captures: dict[str, Any] = {}
         self.monitor: Any = None
         self.info: PipelineInfo | None = None
 
     @property
     def actors(self) -> list[Any]:
-        found = [a for a in (self.ingress, self.monitor) if a is not None]
-        return found + list(self.encoders) + list(self.captures.values())
+        found = [a for a in (self.ingress, self.monitor, self.pool) if a is not None]
+        return found + list(self.captures.values())
+
+    @property
+    def encoders(self) -> list[Any]:
+        """Handles of the encoders alive now (they come and go with the pool)."""
+        if self.pool is None:
+            return []
+        return list(ray.get(self.pool.encoder_handles.remote(), timeout=10).values())
 
     def start(self) -> PipelineInfo:
         if self.info is not None:
@@ -67,71 +74,61 @@ class Pipeline:
 
     def _start(self) -> PipelineInfo:
         s = self.settings
-        self.ingress = create_ingress_actor(s.ingress)
+        # The ingress, the pool, the monitor and captures without capture_resources run
+        # on the driver's node: the viewer URL is this node's, and synthetic devices are
+        # here. Encoders go wherever their resources are.
+        here = NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True
+        )
+        self.ingress = create_ingress_actor(s.ingress, scheduling_strategy=here)
         port = _get(self.ingress.start.remote(), "ingress")
         host = s.ingress.host
         url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         url = f"http://{url_host}:{port}/"
 
-        self.encoders = [
-            create_encoder_actor(i, encoder=s.encoder, resources=s.pool.resources)
-            for i in range(s.pool.workers)
-        ]
-        infos = [_get(e.info.remote(), f"encoder-{i}") for i, e in enumerate(self.encoders)]
-        _get([e.set_ingress.remote(self.ingress) for e in self.encoders], "encoders")
-        _get(
-            [
-                self.ingress.add_encoder.remote(info["name"], e)
-                for info, e in zip(infos, self.encoders, strict=True)
-            ],
-            "ingress",
+        self.pool = create_pool_actor(
+            pool=s.pool,
+            encoder=s.encoder,
+            max_workers=s.max_encoders(),
+            ingress=self.ingress,
+            scheduling_strategy=here,
         )
+        infos = _get(self.pool.start.remote(), "encoder pool")
+        _get(self.ingress.attach_pool.remote(self.pool), "ingress")
 
-        placement = assign_streams(
-            [d.id for d in s.devices], s.pool.workers, s.pool.streams_per_worker
-        )
         for device in s.devices:
-            encoder = self.encoders[placement[device.id]]
-            capture = create_capture_actor(device, max_in_flight=s.pool.max_in_flight)
-            self.captures[device.id] = capture
-            info = _get(encoder.open_stream.remote(device), f"encoder for {device.id}")
-            _get(capture.set_encoder_actor.remote(encoder), f"capture:{device.id}")
-            _get(
-                self.ingress.add_device.remote(
-                    device, capture=capture, encoder=encoder, encoder_info=info
-                ),
-                "ingress",
+            capture = create_capture_actor(
+                device, max_in_flight=s.pool.max_in_flight, scheduling_strategy=here
             )
-        _get(
-            self.ingress.set_pool.remote(
-                s.pool.workers * s.pool.streams_per_worker, len(placement), 0
-            ),
-            "ingress",
-        )
+            self.captures[device.id] = capture
+            _get(self.ingress.add_device.remote(device, capture=capture), f"capture:{device.id}")
+            _get(self.pool.add_stream.remote(device, capture), f"capture:{device.id}")
         count = max(len(self.captures), 1)
         _get(
             [c.start.remote(i / count) for i, c in enumerate(self.captures.values())],
             "capture actors",
         )
         self.monitor = create_monitor_actor(s.monitor)
-        watched = {"ingress": self.ingress}
-        watched.update({f"encoder-{i}": e for i, e in enumerate(self.encoders)})
+        watched: dict[str, Any] = {"ingress": self.ingress}
         watched.update({f"capture:{d}": c for d, c in self.captures.items()})
         _get(
             [self.monitor.watch_actor.remote(name, handle) for name, handle in watched.items()],
             "monitor",
         )
+        _get(self.monitor.watch_pool.remote(self.pool), "monitor")
         _get(self.monitor.start.remote(), "monitor")
         _get(self.ingress.set_monitor.remote(self.monitor), "ingress")
         _get(self.ingress.set_ready.remote(True), "ingress")
         logger.info(
-            "pipeline started: %d devices, %d encoders, %s", len(s.devices), len(infos), url
+            "pipeline started: %d devices, %d encoders ready, %s", len(s.devices), len(infos), url
         )
         return PipelineInfo(url=url, port=port, encoders={i["name"]: i for i in infos})
 
     def stop(self) -> None:
         """Stop capture, close viewer sessions, kill every actor started (idempotent)."""
         refs = [c.stop.remote() for c in self.captures.values()]
+        if self.pool is not None:
+            refs.append(self.pool.shutdown.remote())
         if self.monitor is not None:
             refs.append(self.monitor.stop.remote())
         if self.ingress is not None:
@@ -150,7 +147,7 @@ class Pipeline:
                 logger.debug("kill failed: %s", exc)
         self.ingress = None
         self.monitor = None
-        self.encoders = []
+        self.pool = None
         self.captures = {}
         self.info = None
 

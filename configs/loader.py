@@ -28,7 +28,7 @@ ENV_PREFIX = "CPM__"
 
 #: The old service's variable -> (section, field) it sets.
 LEGACY_ENV: dict[str, tuple[str, str]] = {
-    "WORKER_POOL_SIZE": ("pool", "workers"),
+    "WORKER_POOL_SIZE": ("pool", "min_workers"),
     "ENCODER_HWACCEL": ("encoder", "hwaccel"),
     "ENCODER_PRESET": ("encoder", "preset"),
     "VIDEO_ENCODER_TYPE": ("encoder", "codec"),

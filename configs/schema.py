@@ -47,6 +47,11 @@ class DeviceConfig(_Section):
         default=1280, description="Frame height in pixels (even)."
     )
     fps: Annotated[int, Field(ge=1, le=120)] = Field(default=30, description="Frames per second.")
+    capture_resources: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Ray resources the capture actor asks for, to place it on the node "
+        "that reaches the device (e.g. {rack-3: 0.01}); default: the driver's node.",
+    )
 
 
 class EncoderConfig(_Section):
@@ -71,11 +76,30 @@ class EncoderConfig(_Section):
         default="constrained_baseline",
         description="H.264 profile; Chromium and aiortc meet on Constrained Baseline.",
     )
+    min_bitrate_bps: Annotated[int, Field(ge=50_000, le=50_000_000)] = Field(
+        default=150_000, description="Lowest bitrate viewers' feedback may set."
+    )
+    max_bitrate_bps: Annotated[int, Field(ge=50_000, le=50_000_000)] = Field(
+        default=8_000_000, description="Highest bitrate viewers' feedback may set."
+    )
     threads: Annotated[int, Field(ge=0, le=64)] = Field(
         default=1,
         description="libx264 threads per stream (0 = auto). The pool parallelises across "
         "streams, so one thread per stream is the efficient default.",
     )
+
+    @model_validator(mode="after")
+    def _bitrate_range(self) -> EncoderConfig:
+        if not self.min_bitrate_bps <= self.bitrate_bps <= self.max_bitrate_bps:
+            raise ValueError(
+                f"encoder.bitrate_bps ({self.bitrate_bps}) must lie within "
+                f"encoder.min_bitrate_bps ({self.min_bitrate_bps}) and "
+                f"encoder.max_bitrate_bps ({self.max_bitrate_bps})"
+            )
+        return self
+
+    def clamp_bitrate(self, bps: int) -> int:
+        return max(self.min_bitrate_bps, min(self.max_bitrate_bps, int(bps)))
 
 
 class ActorResources(_Section):
@@ -91,7 +115,15 @@ class ActorResources(_Section):
 class PoolConfig(_Section):
     """The pool of encoder actors."""
 
-    workers: PositiveInt = Field(default=2, description="Encoder actors to start.")
+    min_workers: Annotated[int, Field(ge=0, le=1024)] = Field(
+        default=2,
+        description="Encoder actors started at once and kept (replaced when one dies).",
+    )
+    max_workers: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        default=None,
+        description="Most encoder actors; the pool starts more (up to this) while streams "
+        "wait for capacity. Default: enough for every device, at least min_workers.",
+    )
     streams_per_worker: PositiveInt = Field(
         default=4, description="Most streams one encoder actor carries."
     )
@@ -161,14 +193,21 @@ class Settings(BaseSettings):
         return devices
 
     @model_validator(mode="after")
-    def _capacity(self) -> Settings:
-        capacity = self.pool.workers * self.pool.streams_per_worker
-        if len(self.devices) > capacity:
+    def _pool_bounds(self) -> Settings:
+        pool = self.pool
+        if pool.max_workers is not None and pool.max_workers < pool.min_workers:
             raise ValueError(
-                f"pool.workers x pool.streams_per_worker = {capacity} streams, "
-                f"fewer than the {len(self.devices)} devices configured"
+                f"pool.max_workers ({pool.max_workers}) must be at least pool.min_workers "
+                f"({pool.min_workers})"
             )
         return self
+
+    def max_encoders(self) -> int:
+        """pool.max_workers, or by default enough encoders for every device."""
+        if self.pool.max_workers is not None:
+            return self.pool.max_workers
+        needed = -(-len(self.devices) // self.pool.streams_per_worker)
+        return max(self.pool.min_workers, needed, 1)
 
     @classmethod
     def settings_customise_sources(

@@ -19,29 +19,37 @@ class IngressActor:
 
     def __init__(self, *, config: IngressConfig) -> None:
         self.server = IngressServer(config=config)
+        self.pool: Any = None
 
     async def start(self) -> int:
         return await self.server.start()
 
-    async def add_device(
-        self, device: DeviceConfig, *, capture: Any, encoder: Any, encoder_info: dict[str, Any]
-    ) -> None:
-        device_id = device.id
+    async def attach_pool(self, pool: Any) -> None:
+        """Keyframe requests and bitrate changes go to the pool, which knows the encoder."""
+        self.pool = pool
+        self.server.set_pool_stats(lambda: pool.stats.remote())
+        for device_id, entry in self.server.devices.items():
+            entry.hub.set_keyframe_requester(self._keyframe_requester(device_id))
+
+    def _keyframe_requester(self, device_id: str) -> Any:
+        return lambda: self.pool.request_keyframe.remote(device_id) if self.pool else None
+
+    async def add_device(self, device: DeviceConfig, *, capture: Any) -> None:
         self.server.add_device(
             device,
-            request_keyframe=lambda: encoder.request_keyframe.remote(device_id),
-            encoder=encoder_info,
+            request_keyframe=self._keyframe_requester(device.id),
             capture_stats=lambda: capture.stats.remote(),
         )
 
-    async def add_encoder(self, name: str, encoder: Any) -> None:
-        self.server.add_encoder(name, lambda: encoder.stats.remote())
+    async def set_encoder(self, device_id: str, encoder: Any, info: dict[str, Any] | None) -> None:
+        stats = (lambda: encoder.stats.remote()) if encoder is not None else None
+        self.server.set_encoder(device_id, info, stats)
 
     async def set_ready(self, ready: bool = True) -> None:
         self.server.set_ready(ready)
 
     async def set_pool(self, capacity: int, streams: int, pending: int) -> None:
-        self.server.set_pool(capacity=capacity, streams=streams, pending=pending)
+        self.server.pool_state(capacity=capacity, streams=streams, pending=pending)
 
     async def set_monitor(self, monitor: Any) -> None:
         self.server.set_monitor(lambda: monitor.last_sample.remote())
@@ -59,12 +67,11 @@ class IngressActor:
         await self.server.stop()
 
 
-def create_ingress_actor(config: IngressConfig) -> Any:
+def create_ingress_actor(config: IngressConfig, *, scheduling_strategy: Any = None) -> Any:
     """Start the `ingress` actor; call `start` on it to bind the HTTP port."""
     import ray
 
-    return (
-        ray.remote(IngressActor)
-        .options(name="ingress", num_cpus=0, max_concurrency=1000)
-        .remote(config=config)
-    )
+    options: dict[str, Any] = {"name": "ingress", "num_cpus": 0, "max_concurrency": 1000}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return ray.remote(IngressActor).options(**options).remote(config=config)

@@ -67,6 +67,7 @@ class IngressServer:
         self._runner: web.AppRunner | None = None
         self.started_at = time.time()
         self.pool: dict[str, int] = {}
+        self.pool_stats: StatsSource | None = None
         self.monitor_sample: StatsSource | None = None
 
     # -- wiring (called by the driver) ------------------------------------------------
@@ -76,9 +77,9 @@ class IngressServer:
         device: DeviceConfig,
         *,
         request_keyframe: Callable[[], Any] | None = None,
-        encoder: dict[str, Any] | None = None,
         capture_stats: StatsSource | None = None,
     ) -> None:
+        """Serve `device`; it is `pending` until `set_encoder` names its encoder."""
         entry = self.devices.get(device.id)
         if entry is None:
             hub = DeviceHub(
@@ -87,16 +88,29 @@ class IngressServer:
             entry = self.devices[device.id] = DeviceEntry(config=device, hub=hub)
         else:
             entry.hub.set_keyframe_requester(request_keyframe)
-        entry.encoder = dict(encoder or {})
         entry.capture_stats = capture_stats
 
-    def add_encoder(self, name: str, stats: StatsSource) -> None:
-        self.encoder_stats[name] = stats
+    def set_encoder(
+        self, device_id: str, info: dict[str, Any] | None, stats: StatsSource | None = None
+    ) -> None:
+        """The encoder now carrying `device_id` (None: the stream waits for capacity)."""
+        entry = self.devices.get(device_id)
+        if entry is None:
+            return
+        entry.encoder = dict(info or {})
+        if info and stats is not None:
+            self.encoder_stats[info["name"]] = stats
+        used = {e.encoder.get("name") for e in self.devices.values()}
+        for name in [n for n in self.encoder_stats if n not in used]:
+            del self.encoder_stats[name]
+
+    def set_pool_stats(self, stats: StatsSource) -> None:
+        self.pool_stats = stats
 
     def set_ready(self, ready: bool = True) -> None:
         self.ready = ready
 
-    def set_pool(self, *, capacity: int, streams: int, pending: int) -> None:
+    def pool_state(self, *, capacity: int, streams: int, pending: int) -> None:
         """The encoder pool's state, for /api/stats and the pool gauges."""
         self.pool = {"capacity_streams": capacity, "streams": streams, "pending_streams": pending}
         metrics.set_gauge("pool_capacity_streams", capacity)
@@ -207,7 +221,7 @@ class IngressServer:
     def _device_summary(self, entry: DeviceEntry) -> dict[str, Any]:
         return {
             "id": entry.config.id,
-            "status": entry.hub.status(),
+            "status": self._status(entry),
             "width": entry.config.width,
             "height": entry.config.height,
             "fps": entry.config.fps,
@@ -218,6 +232,10 @@ class IngressServer:
                 "hwaccel": entry.encoder.get("hwaccel"),
             },
         }
+
+    @staticmethod
+    def _status(entry: DeviceEntry) -> str:
+        return entry.hub.status() if entry.encoder else "pending"
 
     async def _list_devices(self, request: web.Request) -> web.Response:
         return web.json_response([self._device_summary(e) for e in self.devices.values()])
@@ -308,7 +326,8 @@ class IngressServer:
                 for reason, count in counts.items():
                     dropped[f"{stage}.{reason}"] = count
             devices[name] = {
-                "status": hub["status"],
+                "status": self._status(entry),
+                "raw_bytes_cross_node": (capture or {}).get("raw_bytes_cross_node"),
                 "frames_captured": (capture or {}).get("frames_captured"),
                 "frames_encoded": stream.get("frames_encoded", hub["units_in"]),
                 "frames_dropped": sum(
@@ -331,7 +350,7 @@ class IngressServer:
             "time": time.time(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "sessions": len(self.sessions),
-            "pool": self.pool,
+            "pool": {**self.pool, **(await _bounded(self.pool_stats) or {})},
             "monitor": await _bounded(self.monitor_sample),
             "devices": devices,
             "encoders": {n: e for n, e in by_encoder.items()},

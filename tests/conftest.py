@@ -51,7 +51,7 @@ def settings(devices: int = 1, **sections: dict[str, Any]) -> Any:
 
     data: dict[str, Any] = {
         "devices": [{"id": f"dev-{i}", "fps": 30} for i in range(devices)],
-        "pool": {"workers": 1, "streams_per_worker": 8},
+        "pool": {"min_workers": 1, "streams_per_worker": 8},
         "ingress": {"port": 0},
     }
     for name, values in sections.items():

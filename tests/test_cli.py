@@ -32,7 +32,7 @@ def write_config(tmp_path: Path, devices: int = 2) -> Path:
         textwrap.dedent(
             f"""
             devices: [{ids}]
-            pool: {{workers: 1, streams_per_worker: 4}}
+            pool: {{min_workers: 1, streams_per_worker: 4}}
             ingress: {{port: 0}}
             """
         )
@@ -112,14 +112,14 @@ def test_run_on_existing_ray_leaves_no_actor(ray_local: Any, tmp_path: Path) -> 
         url = cli.read_until(r"viewer\s+(http://\S+)", 120).group(1)
         assert get_json(url + "healthz") == {"status": "ok"}
         assert [d["id"] for d in get_json(url + "api/devices")] == ["cli-0", "cli-1"]
-        names = ["capture:cli-0", "capture:cli-1", "encoder-0", "ingress", "monitor"]
+        names = ["capture:cli-0", "capture:cli-1", "encoder-0", "ingress", "monitor", "pool"]
         assert our_actors("cloudphone-media") == names
         ids = {
             a["ActorID"]: a["Name"]
             for a in ray._private.state.actors().values()
             if a.get("Name") in names and a["State"] == "ALIVE"
         }
-        assert len(ids) == 5
+        assert len(ids) == 6
     finally:
         code = cli.stop(signal.SIGTERM)
     assert code == 0, "".join(cli.lines)

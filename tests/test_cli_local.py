@@ -66,7 +66,8 @@ def check_dashboard(dashboard: str) -> None:
     def actors() -> dict[str, Any] | None:
         rows = json.loads(fetch("/api/v0/actors?limit=100"))["data"]["result"]["result"]
         alive = {r["name"]: r for r in rows if r["state"] == "ALIVE"}
-        return alive if {"ingress", "monitor", "encoder-0", "capture:cli-0"} <= set(alive) else None
+        wanted = {"ingress", "monitor", "pool", "encoder-0", "capture:cli-0"}
+        return alive if wanted <= set(alive) else None
 
     alive = wait_for(actors, 30, "the dashboard to list ingress, monitor, encoder-0, capture:cli-0")
     ingress = alive["ingress"]

@@ -50,7 +50,7 @@ def test_yaml_values(tmp_path: Path) -> None:
         """
         devices: [{id: a, width: 540, height: 960, fps: 24}]
         encoder: {bitrate_bps: 1000000, keyframe_interval: 30}
-        pool: {workers: 3, resources: {num_gpus: 0.25, custom: {nvenc: 1}}}
+        pool: {min_workers: 3, resources: {num_gpus: 0.25, custom: {nvenc: 1}}}
         ingress: {port: 9100, token: secret-token}
         monitor: {interval_s: 5, growth_percent: 20}
         """,
@@ -58,7 +58,7 @@ def test_yaml_values(tmp_path: Path) -> None:
     s = load_settings(path, environ={})
     assert (s.devices[0].width, s.devices[0].height, s.devices[0].fps) == (540, 960, 24)
     assert s.encoder.bitrate_bps == 1_000_000 and s.encoder.keyframe_interval == 30
-    assert s.pool.workers == 3 and s.pool.resources.custom == {"nvenc": 1}
+    assert s.pool.min_workers == 3 and s.pool.resources.custom == {"nvenc": 1}
     assert s.ingress.port == 9100 and s.ingress.token == "secret-token"
     assert s.monitor.interval_s == 5
 
@@ -78,7 +78,7 @@ def test_old_service_names_override_yaml(tmp_path: Path) -> None:
         tmp_path,
         """
         devices: [{id: a}, {id: b, source: {kind: synthetic, scroll_px_per_frame: 2}}]
-        pool: {workers: 1}
+        pool: {min_workers: 1}
         encoder: {hwaccel: auto, preset: fast}
         """,
     )
@@ -90,7 +90,7 @@ def test_old_service_names_override_yaml(tmp_path: Path) -> None:
         "CAPTURE_MODE": "synthetic",
     }
     s = load_settings(path, environ=env)
-    assert s.pool.workers == 4
+    assert s.pool.min_workers == 4
     assert s.encoder.hwaccel == "libx264"
     assert s.encoder.preset == "veryfast"
     assert s.encoder.codec == "h264"
@@ -99,9 +99,9 @@ def test_old_service_names_override_yaml(tmp_path: Path) -> None:
 
 
 def test_nested_env_beats_old_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CPM__POOL__WORKERS", "6")
+    monkeypatch.setenv("CPM__POOL__MIN_WORKERS", "6")
     s = load_settings(None, environ={"WORKER_POOL_SIZE": "3"})
-    assert s.pool.workers == 6
+    assert s.pool.min_workers == 6
 
 
 @pytest.mark.parametrize(
