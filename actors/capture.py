@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 Submit = Callable[[RawFrame], Awaitable[Any]]
 
 #: Frames waiting this long on a full in-flight window make the encoder a suspect.
-STUCK_AFTER_S = 0.3
+STUCK_AFTER_S = 0.25
 #: One report per encoder per this many seconds.
 REPORT_EVERY_S = 1.0
 

@@ -193,11 +193,10 @@ class MonitorActor(LeakMonitor):
                 self.watch_actor(name, handle)
 
 
-def create_monitor_actor(config: MonitorConfig) -> Any:
+def create_monitor_actor(config: MonitorConfig, *, scheduling_strategy: Any = None) -> Any:
     import ray
 
-    return (
-        ray.remote(MonitorActor)
-        .options(name="monitor", num_cpus=0, max_concurrency=100)
-        .remote(config=config)
-    )
+    options: dict[str, Any] = {"name": "monitor", "num_cpus": 0, "max_concurrency": 100}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return ray.remote(MonitorActor).options(**options).remote(config=config)

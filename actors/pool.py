@@ -38,7 +38,7 @@ from configs.schema import DeviceConfig, EncoderConfig, PoolConfig
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.2
-PING_TIMEOUT_S = 0.5
+PING_TIMEOUT_S = 0.4
 #: How long a new stream waits for an encoder started on its own node before it takes
 #: capacity on another node.
 LOCAL_START_WAIT_S = 15.0
@@ -316,8 +316,11 @@ class EncoderPool:
             self.failovers.append(
                 {"device": stream.device.id, "encoder": slot.name, "seconds": round(waited, 3)}
             )
-        await stream.capture.set_encoder_actor.remote(slot.handle, info)
-        await self.ingress.set_encoder.remote(stream.device.id, slot.handle, info)
+        await _tell(
+            stream.capture.set_encoder_actor.remote(slot.handle, info),
+            f"capture:{stream.device.id}",
+        )
+        await _tell(self.ingress.set_encoder.remote(stream.device.id, slot.handle, info), "ingress")
 
     def assignment(self, device_id: str) -> dict[str, Any]:
         stream = self.streams[device_id]
@@ -376,8 +379,8 @@ class EncoderPool:
             stream.encoder = None
             stream.moves += 1
             stream.pending_since = time.monotonic()
-            await stream.capture.set_encoder_actor.remote(None, None)
-            await self.ingress.set_encoder.remote(device_id, None, None)
+            await _tell(stream.capture.set_encoder_actor.remote(None, None), f"capture:{device_id}")
+            await _tell(self.ingress.set_encoder.remote(device_id, None, None), "ingress")
         for device_id in moved:
             await self._place(self.streams[device_id], failover=True)
         self._maintain()
@@ -445,6 +448,14 @@ class EncoderPool:
         for slot in self.encoders.values():
             with contextlib.suppress(Exception):
                 ray.kill(slot.handle, no_restart=True)
+
+
+async def _tell(ref: Any, who: str) -> None:
+    """Await a call whose failure must not stop the pool (the peer may be gone too)."""
+    try:
+        await asyncio.wait_for(ref, 10)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("telling %s failed: %s", who, _reason(exc))
 
 
 def _reason(exc: BaseException) -> str:

@@ -42,8 +42,11 @@ class PipelineInfo:
 class Pipeline:
     """Ingress, encoder pool and one capture actor per device."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, node_id: str | None = None) -> None:
+        """`node_id`: where the ingress, pool, monitor and (by default) captures run;
+        default: the driver's node (the viewer URL is that node's)."""
         self.settings = settings
+        self.node_id = node_id
         self.ingress: Any = None
         self.pool: Any = None
         self.captures: dict[str, Any] = {}
@@ -77,8 +80,9 @@ class Pipeline:
         # The ingress, the pool, the monitor and captures without capture_resources run
         # on the driver's node: the viewer URL is this node's, and synthetic devices are
         # here. Encoders go wherever their resources are.
+        # Hard affinity: a soft one lets zero-CPU actors drift to other nodes.
         here = NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=True
+            node_id=self.node_id or ray.get_runtime_context().get_node_id(), soft=False
         )
         self.ingress = create_ingress_actor(s.ingress, scheduling_strategy=here)
         port = _get(self.ingress.start.remote(), "ingress")
@@ -108,7 +112,7 @@ class Pipeline:
             [c.start.remote(i / count) for i, c in enumerate(self.captures.values())],
             "capture actors",
         )
-        self.monitor = create_monitor_actor(s.monitor)
+        self.monitor = create_monitor_actor(s.monitor, scheduling_strategy=here)
         watched: dict[str, Any] = {"ingress": self.ingress}
         watched.update({f"capture:{d}": c for d, c in self.captures.items()})
         _get(
