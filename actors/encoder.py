@@ -36,6 +36,8 @@ STALE_AFTER_MS = 200
 PUSH_BUDGET_MS = 100
 #: Units that may wait unacknowledged on the ingress before it counts as unavailable.
 MAX_PENDING_PUSHES = 60
+#: Acknowledgements are checked once this many pushes are outstanding.
+REAP_PUSHES_AT = 16
 #: At most one bitrate change per this many seconds (each one costs an IDR).
 BITRATE_MIN_INTERVAL_S = 1.0
 
@@ -307,7 +309,7 @@ class EncoderActor(EncoderWorker):
         # only pile up in this process: drop them (counted) and resume on an IDR.
         import ray
 
-        if self._pushes:
+        if len(self._pushes) >= REAP_PUSHES_AT:  # amortised: ray.wait is not free
             ready, _ = ray.wait(list(self._pushes), num_returns=len(self._pushes), timeout=0)
             done = set(ready)
             self._pushes = deque(r for r in self._pushes if r not in done)

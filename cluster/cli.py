@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="encoder actors (2)")
     bench.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
     bench.add_argument("--json", default=None, help="also write the report to this file")
+    bench.add_argument(
+        "--no-efficiency",
+        dest="efficiency",
+        action="store_false",
+        help="skip the unthrottled run and the plain-PyAV baseline",
+    )
     status = sub.add_parser("status", help="a table of every device of a running pipeline")
     status.add_argument("--address", default=None, help="Ray cluster (default: auto)")
     status.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace ({NAMESPACE})")

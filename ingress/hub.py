@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors import metrics
-from actors.encoder import EncodedUnit
+from actors.encoder import PUSH_BUDGET_MS, EncodedUnit
 from actors.stats import percentile
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class DeviceHub:
         self.bytes_in = 0
         self.keyframes_in = 0
         self.keyframe_requests = 0
+        self.push_over_budget = 0
         self.dropped: dict[str, int] = {}
         self._epoch_ms: float | None = None
         self._last_pts = -1
@@ -175,6 +176,9 @@ class DeviceHub:
         self.encode_ms.append(unit.encode_ms)
         self.to_encoder_ms.append(unit.encoded_ms - unit.encode_ms - unit.capture_ms)
         self.push_ms.append(now_ms - unit.encoded_ms)
+        if now_ms - unit.encoded_ms > PUSH_BUDGET_MS:
+            # Late, but delivered: dropping an encoded unit breaks decoding until an IDR.
+            self.push_over_budget += 1
         if self._last_unit_at - self._gauges_at >= 1.0:
             self._gauges_at = self._last_unit_at
             metrics.set_gauge("viewers", self.viewers, device=self.device_id)
@@ -228,6 +232,7 @@ class DeviceHub:
             "units_in": self.units_in,
             "keyframes_in": self.keyframes_in,
             "keyframe_requests": self.keyframe_requests,
+            "push_over_budget": self.push_over_budget,
             "bytes_in": self.bytes_in,
             "fps": fps,
             "bitrate_bps": bps,

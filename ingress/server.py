@@ -342,6 +342,7 @@ class IngressServer:
                 **{k: v for k, v in hub.items() if k.endswith(("_p50", "_p99"))},
                 "keyframes": hub["keyframes_in"],
                 "keyframe_requests": hub["keyframe_requests"],
+                "push_over_budget": hub["push_over_budget"],
                 "node": entry.encoder.get("node"),
                 "hwaccel": entry.encoder.get("hwaccel"),
                 "encoder": enc_name,

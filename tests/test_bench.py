@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cluster.bench import bench_settings, run_bench
+from cluster.bench import baseline_fps, bench_settings, pipeline_throughput, run_bench
 
 
 def test_short_bench_report_is_consistent(ray_local: Any) -> None:
@@ -26,3 +26,14 @@ def test_short_bench_report_is_consistent(ray_local: Any) -> None:
     assert cpu["ray::EncoderActor"] > 0 and cpu["ray::CaptureActor"] > 0, cpu
     total = report["total"]["capture_to_decoded_ms"]
     assert total["p50"] <= total["p95"] <= total["p99"]
+
+
+def test_efficiency_inputs_are_measured(ray_local: Any) -> None:
+    base = baseline_fps(width=720, height=1280, seconds=2, processes=1)
+    piped = pipeline_throughput(
+        bench_settings(1, fps=30, width=720, height=1280, workers=1), seconds=2, warmup=1
+    )
+    # Plain PyAV encodes ultrafast 720x1280 far above 30 fps; the pipeline, fed at
+    # 120 fps, encodes more than its devices' nominal 30 fps and no more than offered.
+    assert base > 60, base
+    assert 30 < piped <= 125, piped
