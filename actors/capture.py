@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actors import metrics
+from actors.input import InputError, SwipeEvent, TapEvent, parse_event
 from actors.stats import node_id, process_resources
 from actors.synthetic import RawFrame, SyntheticSource
 from configs.schema import DeviceConfig
@@ -65,6 +67,7 @@ class CaptureWorker:
         self.encoder_name: str | None = None
         self.raw_bytes_cross_node = 0
         self._reported: dict[str, float] = {}
+        self.inputs: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._captured_at: deque[float] = deque(maxlen=4 * device.fps)
@@ -196,6 +199,20 @@ class CaptureWorker:
             return 0.0
         return round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 2)
 
+    def handle_input(self, event: dict[str, Any]) -> bool:
+        """Apply a viewer's input event (validated again: it crossed an actor boundary)."""
+        try:
+            parsed = parse_event(json.dumps(event))
+        except InputError as exc:
+            logger.warning("%s: input refused: %s", self.device.id, exc)
+            return False
+        self.inputs[parsed.type] = self.inputs.get(parsed.type, 0) + 1
+        if isinstance(parsed, TapEvent):
+            self.source.tap(parsed.x, parsed.y)
+        elif isinstance(parsed, SwipeEvent):
+            self.source.tap(parsed.x2, parsed.y2)  # where the finger lifts
+        return True
+
     def resources(self) -> dict[str, int]:
         return {**process_resources(), "frames_in_flight": self._in_flight}
 
@@ -209,6 +226,7 @@ class CaptureWorker:
             "in_flight": self._in_flight,
             "encoder": self.encoder_name,
             "raw_bytes_cross_node": self.raw_bytes_cross_node,
+            "inputs": dict(self.inputs),
             "dropped": dict(self.dropped),
             "fps": self.fps(),
         }

@@ -19,6 +19,9 @@ import numpy as np
 from actors.stamp import STAMP_HEIGHT, STAMP_WIDTH, write_stamp
 
 _STATUS_BAR = 48  # rows of the fixed status bar the stamp sits on
+#: A tap marker: its size in pixels, and how many frames it stays.
+MARKER_SIZE = 64
+MARKER_FRAMES = 15
 _ROW = 96  # height of one list item, in pixels (even)
 _PERIOD_ROWS = 16  # list items before the content repeats
 
@@ -52,6 +55,13 @@ class SyntheticSource:
         self.period = _ROW * _PERIOD_ROWS
         self._y, self._u, self._v = _draw_strip(width, height + self.period)
         self.index = 0
+        self._marker: tuple[int, int] | None = None
+        self._marker_until = -1
+
+    def tap(self, x: float, y: float) -> None:
+        """Show a marker centred at normalised (x, y) for the next MARKER_FRAMES frames."""
+        self._marker = (round(x * (self.width - 1)), round(y * (self.height - 1)))
+        self._marker_until = self.index + MARKER_FRAMES
 
     def frame_at(self, index: int, capture_ms: int) -> RawFrame:
         """Frame number `index`, stamped with `capture_ms`."""
@@ -70,8 +80,20 @@ class SyntheticSource:
         y[:_STATUS_BAR] = 40
         u[: _STATUS_BAR // 2] = 128
         v[: _STATUS_BAR // 2] = 128
+        if self._marker is not None and index < self._marker_until:
+            self._draw_marker(y, u, v, *self._marker)
         write_stamp(y, index, capture_ms)
         return RawFrame(data=out, index=index, capture_ms=capture_ms)
+
+    def _draw_marker(self, y: np.ndarray, u: np.ndarray, v: np.ndarray, cx: int, cy: int) -> None:
+        """A black square with a white ring: unmistakable on the light list content."""
+        half = MARKER_SIZE // 2
+        x0, x1 = max(0, cx - half) & ~1, min(self.width, cx + half) & ~1
+        y0, y1 = max(0, cy - half) & ~1, min(self.height, cy + half) & ~1
+        y[y0:y1, x0:x1] = 235
+        y[y0 + 4 : y1 - 4, x0 + 4 : x1 - 4] = 16
+        u[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2] = 128
+        v[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2] = 128
 
     def next_frame(self) -> RawFrame:
         """The next frame, stamped with the wall clock now."""

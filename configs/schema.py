@@ -143,7 +143,27 @@ class IngressConfig(_Section):
     token: str | None = Field(
         default=None, min_length=8, description="Bearer token every /api/* call must carry."
     )
+    view_token: str | None = Field(
+        default=None,
+        min_length=8,
+        description="A second bearer token that may watch but not send input.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call /api/* from another site (none: CORS off).",
+    )
     max_viewers_per_device: PositiveInt = Field(default=16, description="Viewers per device.")
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=20.0, description="A session not connected this long after its answer closes."
+    )
+    idle_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=10.0,
+        description="A connected session whose viewer sends no RTCP this long closes "
+        "(a viewer that vanished without a goodbye).",
+    )
+    input_rate_per_s: Annotated[float, Field(gt=0, le=1000)] = Field(
+        default=30.0, description="Input events per second per session (burst: 2 s worth)."
+    )
     viewer_queue: Annotated[int, Field(ge=2, le=1000)] = Field(
         default=60, description="Encoded frames a viewer may fall behind before it skips."
     )

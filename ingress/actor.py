@@ -35,10 +35,15 @@ class IngressActor:
         return lambda: self.pool.request_keyframe.remote(device_id) if self.pool else None
 
     async def add_device(self, device: DeviceConfig, *, capture: Any) -> None:
+        device_id = device.id
         self.server.add_device(
             device,
-            request_keyframe=self._keyframe_requester(device.id),
+            request_keyframe=self._keyframe_requester(device_id),
+            set_bitrate=lambda bps: (
+                self.pool.set_bitrate.remote(device_id, bps) if self.pool else None
+            ),
             capture_stats=lambda: capture.stats.remote(),
+            input_sink=lambda event: capture.handle_input.remote(event),
         )
 
     async def set_encoder(self, device_id: str, encoder: Any, info: dict[str, Any] | None) -> None:

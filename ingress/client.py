@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -92,6 +94,111 @@ class SignallingError(RuntimeError):
         self.error = error
 
 
+class Viewer:
+    """One WebRTC viewer of one device: connect, read decoded frames, send input."""
+
+    def __init__(
+        self, base_url: str, device_id: str, *, token: str | None = None, input: bool = False
+    ) -> None:
+        self.base_url = base_url
+        self.device_id = device_id
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.want_input = input
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.session_id = ""
+        self.answer_s = 0.0
+        self.answered_at = 0.0
+        self.decode_errors = _DecodeErrors()
+        self._track: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._channel: Any = None
+        self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        @self.pc.on("track")
+        def on_track(track: Any) -> None:
+            if not self._track.done():
+                self._track.set_result(track)
+
+    async def connect(self) -> None:
+        """Offer, get the answer (raises SignallingError on a refusal)."""
+        logging.getLogger("aiortc.rtcrtpreceiver").addHandler(self.decode_errors)
+        self.pc.addTransceiver("video", direction="recvonly")
+        if self.want_input:
+            self._channel = self.pc.createDataChannel("input")
+            opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+            def on_open() -> None:
+                if not opened.done():
+                    opened.set_result(True)
+
+            self._channel.on("open", on_open)
+            self._channel.on(
+                "message", lambda message: self._replies.put_nowait(json.loads(message))
+            )
+            self._opened = opened
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        sent = time.monotonic()
+        offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        path = f"/api/devices/{self.device_id}/sessions"
+        async with (
+            aiohttp.ClientSession(self.base_url, headers=self.headers) as http,
+            http.post(path, json=offer) as response,
+        ):
+            body = await response.json()
+            if response.status != 201:
+                raise SignallingError(response.status, body.get("error", ""))
+        self.answered_at = time.monotonic()
+        self.answer_s = self.answered_at - sent
+        self.session_id = body["session_id"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
+
+    async def next_frame(self, timeout: float) -> tuple[ReceivedFrame, Any] | None:
+        """The next decoded frame and its stamp, or None on timeout or end."""
+        try:
+            track = await asyncio.wait_for(asyncio.shield(self._track), timeout)
+            frame = await asyncio.wait_for(track.recv(), timeout)
+        except (TimeoutError, MediaStreamError):
+            return None
+        received_ms = int(time.time() * 1000) % (1 << 32)
+        plane = frame.planes[0]
+        luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+        index, capture_ms = read_stamp(luma[:STAMP_HEIGHT])
+        return ReceivedFrame(index, capture_ms, received_ms, frame.width, frame.height), frame
+
+    async def send_input(self, event: dict[str, Any] | str, timeout: float = 5.0) -> dict[str, Any]:
+        """Send one input message and return the ingress's reply."""
+        if self._channel is None:
+            raise RuntimeError("this viewer was created without input=True")
+        await asyncio.wait_for(self._opened, timeout)
+        self._channel.send(event if isinstance(event, str) else json.dumps(event))
+        return await asyncio.wait_for(self._replies.get(), timeout)
+
+    async def send_remb(self, bitrate: int) -> None:
+        """Send a REMB estimate, as a browser's congestion control does."""
+        from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, pack_remb_fci
+
+        receiver = self.pc.getTransceivers()[0].receiver
+        ssrcs = [s.source for s in receiver.getSynchronizationSources()]
+        packet = RtcpPsfbPacket(
+            fmt=RTCP_PSFB_APP, ssrc=1, media_ssrc=0, fci=pack_remb_fci(bitrate, ssrcs)
+        )
+        await receiver._send_rtcp(packet)
+
+    async def close(self, *, leave: bool = True) -> None:
+        """Leave politely (DELETE, then close) or just close the PeerConnection."""
+        try:
+            if leave and self.session_id:
+                async with (
+                    aiohttp.ClientSession(self.base_url, headers=self.headers) as http,
+                    http.delete(f"/api/sessions/{self.session_id}") as response,
+                ):
+                    if response.status not in (204, 404):
+                        logger.warning("DELETE session answered %s", response.status)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pc.close()
+            logging.getLogger("aiortc.rtcrtpreceiver").removeHandler(self.decode_errors)
+
+
 async def watch(
     base_url: str,
     device_id: str,
@@ -103,60 +210,23 @@ async def watch(
 ) -> WatchResult:
     """Watch `device_id` until `frames` frames are decoded or `timeout` passes."""
     result = WatchResult(device_id=device_id)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    errors = _DecodeErrors()
-    receiver_log = logging.getLogger("aiortc.rtcrtpreceiver")
-    receiver_log.addHandler(errors)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    got_track: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-
-    @pc.on("track")
-    def on_track(track: object) -> None:
-        if not got_track.done():
-            got_track.set_result(track)
-
+    viewer = Viewer(base_url, device_id, token=token)
     try:
-        async with aiohttp.ClientSession(base_url, headers=headers) as http:
-            pc.addTransceiver("video", direction="recvonly")
-            await pc.setLocalDescription(await pc.createOffer())
-            sent = time.monotonic()
-            async with http.post(
-                f"/api/devices/{device_id}/sessions",
-                json={"sdp": pc.localDescription.sdp, "type": "offer"},
-            ) as response:
-                body = await response.json()
-                if response.status != 201:
-                    raise SignallingError(response.status, body.get("error", ""))
-            answered = time.monotonic()
-            result.answer_s = answered - sent
-            result.session_id = body["session_id"]
-            await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
-            deadline = answered + timeout
-            track = await asyncio.wait_for(got_track, timeout)
-            while len(result.frames) < frames:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    frame = await asyncio.wait_for(track.recv(), remaining)  # type: ignore[attr-defined]
-                except (TimeoutError, MediaStreamError):
-                    break
-                received_ms = int(time.time() * 1000) % (1 << 32)
-                if result.first_frame_s is None:
-                    result.first_frame_s = time.monotonic() - answered
-                plane = frame.planes[0]
-                luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
-                index, capture_ms = read_stamp(luma[:STAMP_HEIGHT])
-                result.frames.append(
-                    ReceivedFrame(index, capture_ms, received_ms, frame.width, frame.height)
-                )
-            if leave:
-                async with http.delete(f"/api/sessions/{result.session_id}") as response:
-                    if response.status not in (204, 404):
-                        logger.warning("DELETE session answered %s", response.status)
+        await viewer.connect()
+        result.session_id = viewer.session_id
+        result.answer_s = viewer.answer_s
+        deadline = viewer.answered_at + timeout
+        while len(result.frames) < frames:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            got = await viewer.next_frame(remaining)
+            if got is None:
+                break
+            if result.first_frame_s is None:
+                result.first_frame_s = time.monotonic() - viewer.answered_at
+            result.frames.append(got[0])
     finally:
-        with contextlib.suppress(Exception):
-            await pc.close()
-        receiver_log.removeHandler(errors)
-        result.decode_errors = errors.count
+        await viewer.close(leave=leave and bool(viewer.session_id))
+        result.decode_errors = viewer.decode_errors.count
     return result

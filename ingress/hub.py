@@ -27,7 +27,9 @@ from actors.stats import percentile
 logger = logging.getLogger(__name__)
 
 #: Two keyframe requests closer than this are one request.
-KEYFRAME_DEBOUNCE_S = 0.25
+KEYFRAME_DEBOUNCE_S = 0.5
+#: The encoder's bitrate follows the viewers' REMB at most this often.
+BITRATE_EVERY_S = 1.0
 #: A device that sent nothing for this long is `stalled`.
 STALL_AFTER_S = 2.0
 
@@ -54,6 +56,8 @@ class ViewerFeed:
         self.closed = False
         self.units_sent = 0
         self.skipped: dict[str, int] = {}
+        self.estimate_bps: int | None = None
+        """The viewer's last REMB estimate."""
 
     def _skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + count
@@ -110,6 +114,9 @@ class DeviceHub:
         self.device_id = device_id
         self.queue_size = queue_size
         self._request_keyframe = request_keyframe
+        self._set_bitrate: Callable[[int], Any] | None = None
+        self.bitrate_requested: int | None = None
+        self._bitrate_at = 0.0
         self.feeds: set[ViewerFeed] = set()
         self.units_in = 0
         self.bytes_in = 0
@@ -134,6 +141,26 @@ class DeviceHub:
 
     def set_keyframe_requester(self, request_keyframe: Callable[[], Any] | None) -> None:
         self._request_keyframe = request_keyframe
+
+    def set_bitrate_setter(self, set_bitrate: Callable[[int], Any] | None) -> None:
+        self._set_bitrate = set_bitrate
+
+    def report_estimate(self, feed: ViewerFeed, bps: int) -> None:
+        """A viewer's REMB: the encoder follows the lowest estimate of all viewers."""
+        feed.estimate_bps = bps
+        estimates = [f.estimate_bps for f in self.feeds if f.estimate_bps]
+        if not estimates or self._set_bitrate is None:
+            return
+        lowest = min(estimates)
+        now = time.monotonic()
+        if lowest == self.bitrate_requested or now - self._bitrate_at < BITRATE_EVERY_S:
+            return
+        self._bitrate_at = now
+        self.bitrate_requested = lowest
+        try:
+            self._set_bitrate(lowest)
+        except Exception:
+            logger.exception("%s: setting the bitrate failed", self.device_id)
 
     def count_drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -233,6 +260,7 @@ class DeviceHub:
             "keyframes_in": self.keyframes_in,
             "keyframe_requests": self.keyframe_requests,
             "push_over_budget": self.push_over_budget,
+            "bitrate_requested_bps": self.bitrate_requested,
             "bytes_in": self.bytes_in,
             "fps": fps,
             "bitrate_bps": bps,

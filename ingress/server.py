@@ -48,6 +48,7 @@ class DeviceEntry:
     encoder: dict[str, Any] = field(default_factory=dict)
     """The encoder carrying the stream: name, node, hwaccel."""
     capture_stats: StatsSource | None = None
+    input_sink: Callable[[dict[str, Any]], Any] | None = None
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -77,7 +78,9 @@ class IngressServer:
         device: DeviceConfig,
         *,
         request_keyframe: Callable[[], Any] | None = None,
+        set_bitrate: Callable[[int], Any] | None = None,
         capture_stats: StatsSource | None = None,
+        input_sink: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         """Serve `device`; it is `pending` until `set_encoder` names its encoder."""
         entry = self.devices.get(device.id)
@@ -88,7 +91,9 @@ class IngressServer:
             entry = self.devices[device.id] = DeviceEntry(config=device, hub=hub)
         else:
             entry.hub.set_keyframe_requester(request_keyframe)
+        entry.hub.set_bitrate_setter(set_bitrate)
         entry.capture_stats = capture_stats
+        entry.input_sink = input_sink
 
     def set_encoder(
         self, device_id: str, info: dict[str, Any] | None, stats: StatsSource | None = None
@@ -132,7 +137,7 @@ class IngressServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth]
+            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._cors, self._auth]
         )
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/", self._index)
@@ -197,15 +202,41 @@ class IngressServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        token = self.config.token
-        if token and request.path.startswith("/api/"):
+        """Bearer tokens on /api/*: `token` may do everything, `view_token` only watch."""
+        full, view = self.config.token, self.config.view_token
+        request["access"] = "full"
+        if (full or view) and request.path.startswith("/api/") and request.method != "OPTIONS":
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
             if scheme.lower() != "bearer" or not given:
                 return _error(401, "Authorization: a 'Bearer <token>' header is required")
-            if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            given_bytes = given.strip().encode()
+            if full and hmac.compare_digest(given_bytes, full.encode()):
+                request["access"] = "full"
+            elif view and hmac.compare_digest(given_bytes, view.encode()):
+                request["access"] = "view"
+            else:
                 return _error(401, "Authorization: wrong token")
         return await handler(request)
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """CORS only for the configured origins (none by default: the page is same-origin)."""
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and origin in self.config.cors_origins
+        if request.method == "OPTIONS" and request.path.startswith("/api/"):
+            if not allowed:
+                return _error(403, f"Origin: {origin!r} is not in ingress.cors_origins")
+            response: web.StreamResponse = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Max-Age"] = "600"
+        else:
+            response = await handler(request)
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = str(origin)
+            response.headers["Vary"] = "Origin"
+        return response
 
     # -- handlers ---------------------------------------------------------------------
 
@@ -267,7 +298,13 @@ class IngressServer:
                 f"viewers: device {device_id!r} has reached ingress.max_viewers_per_device "
                 f"({self.config.max_viewers_per_device})",
             )
-        session = ViewerSession(entry.hub, on_closed=self._forget)
+        session = ViewerSession(
+            entry.hub,
+            on_closed=self._forget,
+            config=self.config,
+            can_input=request["access"] == "full",
+            input_sink=entry.input_sink,
+        )
         self.sessions[session.id] = session
         try:
             answer = await session.answer(payload["sdp"])
@@ -297,6 +334,7 @@ class IngressServer:
         """
         return {
             **process_resources(),
+            # Counted by aiortc-independent means: the sessions this server holds.
             "peer_connections": len(self.sessions),
             "viewers": sum(e.hub.viewers for e in self.devices.values()),
         }

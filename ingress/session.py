@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import av
 from aiortc import (
@@ -25,8 +27,17 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RtcpPsfbPacket,
+    unpack_remb_fci,
+)
 from aiortc.sdp import SessionDescription
 
+from actors.input import InputError, parse_event
+from configs.schema import IngressConfig
 from ingress.hub import DeviceHub, ViewerFeed
 
 logger = logging.getLogger(__name__)
@@ -104,33 +115,140 @@ def h264_preferences() -> list:
     return chosen + [c for c in codecs if c.mimeType.lower() == "video/rtx"]
 
 
-class ViewerSession:
-    """One viewer of one device."""
+InputSink = Callable[[dict[str, Any]], Any]
 
-    def __init__(self, hub: DeviceHub, on_closed: Callable[[ViewerSession], None]) -> None:
+
+class ViewerSession:
+    """One viewer of one device: its PeerConnection, its feed, its input channel.
+
+    Feedback is hooked in one place, `_hook_feedback`: aiortc answers PLI/FIR and REMB by
+    adjusting its own encoder, which pre-encoded packets never use (DESIGN decision 6);
+    here a PLI/FIR becomes a (debounced) keyframe request to the stream's encoder and a
+    REMB an estimate the hub turns into the encoder's bitrate. Every RTCP packet also
+    proves the viewer is still there: a connected session that hears none for
+    `idle_timeout_s`, or that never connects within `connect_timeout_s`, is closed.
+    """
+
+    def __init__(
+        self,
+        hub: DeviceHub,
+        on_closed: Callable[[ViewerSession], None],
+        *,
+        config: IngressConfig,
+        can_input: bool = True,
+        input_sink: InputSink | None = None,
+    ) -> None:
         self.id = secrets.token_urlsafe(16)
         self.hub = hub
         self.device_id = hub.device_id
+        self.config = config
+        self.can_input = can_input
+        self._input_sink = input_sink
         self.created = time.monotonic()
+        self.last_rtcp = self.created
         self.feed = hub.add_viewer()
         self.track = ViewerTrack(self.feed)
         # No STUN/TURN servers: aiortc's default would contact a public STUN server.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self._on_closed = on_closed
         self._closed = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self._tokens = 2 * config.input_rate_per_s
+        self._tokens_at = self.created
+        self.inputs_forwarded = 0
+        self.inputs_refused: dict[str, int] = {}
         self.pc.on("connectionstatechange", self._on_state)
+        self.pc.on("datachannel", self._on_datachannel)
 
     async def answer(self, offer_sdp: str) -> str:
         """Apply the viewer's offer and return the answer SDP (ICE candidates included)."""
         transceiver = self.pc.addTransceiver(self.track, direction="sendonly")
         transceiver.setCodecPreferences(h264_preferences())
-        # aiortc answers a PLI/FIR by flagging its own encoder, which pre-encoded packets
-        # never use (DESIGN decision 6): route it to the stream's encoder instead.
-        transceiver.sender._send_keyframe = lambda: self.hub.request_keyframe("PLI/FIR")  # type: ignore[method-assign]
+        self._hook_feedback(transceiver.sender)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         return self.pc.localDescription.sdp
+
+    def _hook_feedback(self, sender: RTCRtpSender) -> None:
+        original = sender._handle_rtcp_packet
+
+        async def handle_rtcp(packet: Any) -> None:
+            self.last_rtcp = time.monotonic()
+            if isinstance(packet, RtcpPsfbPacket):
+                if packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+                    self.hub.request_keyframe("PLI/FIR")
+                    return
+                if packet.fmt == RTCP_PSFB_APP:
+                    with contextlib.suppress(ValueError):
+                        bitrate, _ssrcs = unpack_remb_fci(packet.fci)
+                        self.hub.report_estimate(self.feed, bitrate)
+            await original(packet)
+
+        sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+    async def _watch(self) -> None:
+        """Close a session that never connects, or whose viewer went silent."""
+        try:
+            while not self._closed:
+                await asyncio.sleep(min(1.0, self.config.idle_timeout_s / 4))
+                now = time.monotonic()
+                state = self.pc.connectionState
+                if state != "connected" and now - self.created > self.config.connect_timeout_s:
+                    logger.info("viewer %s never connected: closing", self.id)
+                    break
+                if state == "connected" and now - self.last_rtcp > self.config.idle_timeout_s:
+                    logger.info(
+                        "viewer %s silent for %.0f s: closing", self.id, now - self.last_rtcp
+                    )
+                    break
+        except asyncio.CancelledError:
+            return
+        await self.close()
+
+    # -- input ------------------------------------------------------------------------
+
+    def _on_datachannel(self, channel: Any) -> None:
+        if channel.label != "input":
+            channel.close()
+            return
+
+        @channel.on("message")
+        def on_message(message: str | bytes) -> None:
+            reply = self.handle_input(message)
+            if channel.readyState == "open":
+                channel.send(json.dumps(reply))
+
+    def handle_input(self, message: str | bytes) -> dict[str, Any]:
+        """Validate, rate-limit and forward one input message; return the reply to send."""
+        if not self.can_input:
+            return self._refuse("token", "this session's token is view-only: no input")
+        now = time.monotonic()
+        rate = self.config.input_rate_per_s
+        self._tokens = min(2 * rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return self._refuse("rate", f"more than {rate:g} input events per second")
+        self._tokens -= 1
+        try:
+            event = parse_event(message)
+        except InputError as exc:
+            return self._refuse("invalid", str(exc))
+        if self._input_sink is None:
+            return self._refuse("device", "this device takes no input")
+        try:
+            self._input_sink(event.model_dump())
+        except Exception as exc:  # noqa: BLE001 - a failed forward is the viewer's answer
+            return self._refuse("device", f"forwarding failed: {exc}")
+        self.inputs_forwarded += 1
+        return {"ok": event.type}
+
+    def _refuse(self, reason: str, message: str) -> dict[str, Any]:
+        self.inputs_refused[reason] = self.inputs_refused.get(reason, 0) + 1
+        return {"error": message}
+
+    # -- lifecycle --------------------------------------------------------------------
 
     async def _on_state(self) -> None:
         state = self.pc.connectionState
@@ -145,6 +263,9 @@ class ViewerSession:
         self._closed = True
         self.hub.remove_viewer(self.feed)
         self.track.stop()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.pc.close(), timeout=5.0)
         self._on_closed(self)
