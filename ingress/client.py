@@ -183,6 +183,17 @@ class Viewer:
         )
         await receiver._send_rtcp(packet)
 
+    async def send_pli(self) -> None:
+        """Ask for a keyframe, as a receiver that lost a picture does."""
+        receiver = self.pc.getTransceivers()[0].receiver
+        for source in receiver.getSynchronizationSources():
+            await receiver._send_rtcp_pli(source.source)
+
+    async def vanish(self) -> None:
+        """Stop answering without a goodbye (no DELETE, no DTLS close): a lost viewer."""
+        transport = self.pc.getTransceivers()[0].receiver.transport
+        await transport.transport.stop()
+
     async def close(self, *, leave: bool = True) -> None:
         """Leave politely (DELETE, then close) or just close the PeerConnection."""
         try:

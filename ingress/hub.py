@@ -127,7 +127,10 @@ class DeviceHub:
         self._epoch_ms: float | None = None
         self._last_pts = -1
         self._last_seq = -1
-        self._last_request = 0.0
+        self._last_request = -KEYFRAME_DEBOUNCE_S
+        self._wanted_at = 0.0
+        self._last_keyframe_at = 0.0
+        self._deferred: asyncio.TimerHandle | None = None
         self._last_unit_at = 0.0
         self._gauges_at = 0.0
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=300)
@@ -167,10 +170,35 @@ class DeviceHub:
         metrics.inc("frames_dropped", count, device=self.device_id, stage="ingress", reason=reason)
 
     def request_keyframe(self, why: str) -> None:
+        """Ask the encoder for an IDR, at most once per KEYFRAME_DEBOUNCE_S.
+
+        A request inside the debounce window is not lost: it is retried when the window
+        ends, unless a keyframe has arrived since it was made (a burst of PLIs, or a few
+        viewers joining together, costs one IDR; a viewer joining just after another
+        still gets one).
+        """
         now = time.monotonic()
-        if now - self._last_request < KEYFRAME_DEBOUNCE_S or self._request_keyframe is None:
+        self._wanted_at = now
+        wait = KEYFRAME_DEBOUNCE_S - (now - self._last_request)
+        if wait <= 0:
+            self._send_keyframe_request(why)
             return
-        self._last_request = now
+        if self._deferred is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._deferred = loop.call_later(wait, self._deferred_request)
+
+    def _deferred_request(self) -> None:
+        self._deferred = None
+        if self._wanted_at > self._last_keyframe_at:
+            self._send_keyframe_request("deferred")
+
+    def _send_keyframe_request(self, why: str) -> None:
+        if self._request_keyframe is None:
+            return
+        self._last_request = time.monotonic()
         self.keyframe_requests += 1
         logger.debug("%s: keyframe requested (%s)", self.device_id, why)
         try:
@@ -197,6 +225,8 @@ class DeviceHub:
         self.units_in += 1
         self.bytes_in += len(unit.data)
         self.keyframes_in += int(unit.keyframe)
+        if unit.keyframe:
+            self._last_keyframe_at = time.monotonic()
         self._last_unit_at = time.monotonic()
         self._arrivals.append((self._last_unit_at, len(unit.data)))
         self.hub_latency_ms.append(now_ms - unit.capture_ms)
@@ -279,5 +309,8 @@ class DeviceHub:
         }
 
     def close(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         for feed in list(self.feeds):
             self.remove_viewer(feed)
