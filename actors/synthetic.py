@@ -21,7 +21,7 @@ from actors.stamp import STAMP_HEIGHT, STAMP_WIDTH, write_stamp
 _STATUS_BAR = 48  # rows of the fixed status bar the stamp sits on
 #: A tap marker: its size in pixels, and how many frames it stays.
 MARKER_SIZE = 64
-MARKER_FRAMES = 15
+MARKER_FRAMES = 30
 _ROW = 96  # height of one list item, in pixels (even)
 _PERIOD_ROWS = 16  # list items before the content repeats
 

@@ -87,35 +87,40 @@ class Browser:
 
     def evaluate(self, expression: str) -> Any:
         """Evaluate `expression` in the page; return its JSON value."""
-        return asyncio.run(self._evaluate(expression))
+        return asyncio.run(
+            self._call(
+                "Runtime.evaluate",
+                {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            )
+        )
 
-    async def _evaluate(self, expression: str) -> Any:
+    def click(self, x: float, y: float) -> None:
+        """A real mouse click at page coordinates (x, y)."""
+        for kind in ("mousePressed", "mouseReleased"):
+            asyncio.run(
+                self._call(
+                    "Input.dispatchMouseEvent",
+                    {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1},
+                )
+            )
+
+    async def _call(self, method: str, params: dict[str, Any]) -> Any:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{self.port}/json/list") as r:
                 targets = await r.json()
             page = next(t for t in targets if t.get("type") == "page")
             async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                 call_id = next(self._ids)
-                await ws.send_str(
-                    json.dumps(
-                        {
-                            "id": call_id,
-                            "method": "Runtime.evaluate",
-                            "params": {
-                                "expression": expression,
-                                "returnByValue": True,
-                                "awaitPromise": True,
-                            },
-                        }
-                    )
-                )
+                await ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
                 async for message in ws:
                     data = json.loads(message.data)
                     if data.get("id") == call_id:
+                        if "error" in data:
+                            raise RuntimeError(f"{method}: {data['error']}")
                         result = data["result"]
                         if "exceptionDetails" in result:
                             raise RuntimeError(f"page error: {result['exceptionDetails']}")
-                        return result["result"].get("value")
+                        return result.get("result", {}).get("value")
         raise RuntimeError("DevTools closed the connection")
 
     def screenshot(self, path: Path) -> None:

@@ -138,7 +138,9 @@ def test_remb_lowers_the_encoder_bitrate(pipeline: Pipeline) -> None:
             await v.close()
 
     asyncio.run(scenario())
-    wait_for(lambda: encoder_stream(pipeline, "dev-1")["bitrate_bps"] == 400_000, 10, "bitrate 400k")
+    wait_for(
+        lambda: encoder_stream(pipeline, "dev-1")["bitrate_bps"] == 400_000, 10, "bitrate 400k"
+    )
 
 
 # -- input -------------------------------------------------------------------------------
