@@ -90,10 +90,17 @@ class CpuSampler:
         return {role: round(100 * cpu / span, 1) for role, cpu in sorted(roles.items())}
 
 
-async def _watch_all(url: str, device_ids: list[str], seconds: float) -> list[Any]:
+async def _watch_all(
+    url: str, device_ids: list[str], seconds: float, viewers: int = 1
+) -> list[Any]:
+    """One aiortc viewer per device (more with `viewers`), each decoding every frame."""
     from ingress.client import watch
 
-    tasks = [asyncio.create_task(watch(url, d, frames=10**9, timeout=seconds)) for d in device_ids]
+    tasks = [
+        asyncio.create_task(watch(url, d, frames=10**9, timeout=seconds))
+        for _ in range(viewers)
+        for d in device_ids
+    ]
     started = time.monotonic()
     while not all(t.done() for t in tasks):
         await asyncio.sleep(1.0)
@@ -102,7 +109,9 @@ async def _watch_all(url: str, device_ids: list[str], seconds: float) -> list[An
     return [t.result() for t in tasks]
 
 
-def run_bench(settings: Settings, *, seconds: float, warmup: float = 3.0) -> dict[str, Any]:
+def run_bench(
+    settings: Settings, *, seconds: float, warmup: float = 3.0, viewers: int = 1
+) -> dict[str, Any]:
     """Run one measurement on the Ray this process is connected to."""
     import ray
 
@@ -115,12 +124,23 @@ def run_bench(settings: Settings, *, seconds: float, warmup: float = 3.0) -> dic
         before = ray.get(pipeline.ingress.stats.remote())
         sampler = CpuSampler()
         sampler.start()
-        results = asyncio.run(_watch_all(info.url, [d.id for d in settings.devices], seconds))
+        device_ids = [d.id for d in settings.devices]
+        results = asyncio.run(_watch_all(info.url, device_ids, seconds, viewers))
         cpu = sampler.stop()
         after = ray.get(pipeline.ingress.stats.remote())
     finally:
         pipeline.stop()
-    return _report(settings, seconds, results, before, after, cpu)
+    first, extra = results[: len(device_ids)], results[len(device_ids) :]
+    report = _report(settings, seconds, first, before, after, cpu)
+    report["viewers_per_device"] = viewers
+    if extra:
+        report["extra_viewers"] = {
+            "count": len(extra),
+            "fps_min": round(min(r.fps() for r in extra), 2),
+            "decode_errors": sum(r.decode_errors for r in extra),
+            "first_frame_s_p50": percentile([r.first_frame_s or 0 for r in extra], 50),
+        }
+    return report
 
 
 def _report(
@@ -269,7 +289,7 @@ def main(args: Any) -> int:
     else:
         ray.init(include_dashboard=False, namespace="cloudphone-media-bench")
     try:
-        report = run_bench(settings, seconds=args.seconds)
+        report = run_bench(settings, seconds=args.seconds, viewers=args.viewers)
         if args.efficiency:
             report["efficiency"] = efficiency(settings, seconds=max(3.0, args.seconds / 2))
     finally:

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--width", type=int, default=720)
     bench.add_argument("--height", type=int, default=1280)
     bench.add_argument("--workers", type=int, default=2, help="encoder actors (2)")
+    bench.add_argument("--viewers", type=int, default=1, help="aiortc viewers per device (1)")
     bench.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
     bench.add_argument("--json", default=None, help="also write the report to this file")
     bench.add_argument(
