@@ -278,6 +278,122 @@ def efficiency(settings: Settings, *, seconds: float) -> dict[str, Any]:
     }
 
 
+#: DESIGN.md's targets for one load level.
+MAX_DROPPED_PCT = 1.0
+MAX_PIPELINE_P99_MS = 25.0
+
+
+def meets_targets(report: dict[str, Any]) -> bool:
+    total = report["total"]
+    return bool(
+        total["dropped_pct_max"] is not None
+        and total["dropped_pct_max"] < MAX_DROPPED_PCT
+        and total["pipeline_ms_p99_max"] is not None
+        and total["pipeline_ms_p99_max"] < MAX_PIPELINE_P99_MS
+    )
+
+
+def find_max(args: Any, *, limit: int = 64) -> dict[str, Any]:
+    """The largest device count that meets the targets: double, then bisect."""
+    runs: dict[int, dict[str, Any]] = {}
+
+    def trial(n: int) -> bool:
+        print(f"bench: find-max trying {n} devices", file=sys.stderr, flush=True)
+        settings = bench_settings(
+            n, fps=args.fps, width=args.width, height=args.height, workers=args.workers
+        )
+        runs[n] = run_bench(settings, seconds=args.seconds)
+        ok = meets_targets(runs[n])
+        total = runs[n]["total"]
+        print(
+            f"bench: {n} devices: dropped {total['dropped_pct_max']} %, pipeline p99 "
+            f"{total['pipeline_ms_p99_max']} ms -> {'ok' if ok else 'over target'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return ok
+
+    good, bad = 0, None
+    n = 1
+    while n <= limit:
+        if trial(n):
+            good, n = n, n * 2
+        else:
+            bad = n
+            break
+    if bad is not None:
+        low, high = good, bad
+        while high - low > 1:
+            mid = (low + high) // 2
+            if trial(mid):
+                low = mid
+            else:
+                high = mid
+        good = low
+    return {
+        "max_devices": good,
+        "targets": {
+            "dropped_pct_below": MAX_DROPPED_PCT,
+            "pipeline_p99_ms_below": MAX_PIPELINE_P99_MS,
+        },
+        "runs": {str(k): runs[k] for k in sorted(runs)},
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """A PNG of the run: latency per device, or the find-max curve. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "bench: no plot (pip install 'cloudphone-media[bench]' for matplotlib)", file=sys.stderr
+        )
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if "runs" in report:
+        ns = sorted(int(k) for k in report["runs"])
+        runs = [report["runs"][str(n)]["total"] for n in ns]
+        ax.plot(ns, [r["pipeline_ms_p99_max"] for r in runs], "o-", label="pipeline p99 (ms)")
+        ax.plot(
+            ns,
+            [r["capture_to_decoded_ms"]["p99"] for r in runs],
+            "s-",
+            label="capture-to-decoded p99 (ms)",
+        )
+        ax.plot(ns, [10 * r["dropped_pct_max"] for r in runs], "^-", label="dropped % x10")
+        ax.axhline(MAX_PIPELINE_P99_MS, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("devices")
+        ax.set_title(f"find-max: {report['max_devices']} devices meet the targets")
+    else:
+        names = list(report["devices"])
+        for key, label in (("capture_to_decoded_ms", "capture-to-decoded"),):
+            for q, marker in (("p50", "o"), ("p99", "s")):
+                ax.plot(
+                    names,
+                    [report["devices"][d][key][q] for d in names],
+                    marker,
+                    label=f"{label} {q} (ms)",
+                )
+        ax.plot(
+            names,
+            [report["devices"][d]["pipeline_ms"]["p99"] for d in names],
+            "^",
+            label="pipeline p99 (ms)",
+        )
+        ax.set_title(f"{report['devices_n']} devices, {report['seconds']:.0f} s")
+        ax.tick_params(axis="x", rotation=45)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(args: Any) -> int:
     import ray
 
@@ -289,7 +405,11 @@ def main(args: Any) -> int:
     else:
         ray.init(include_dashboard=False, namespace="cloudphone-media-bench")
     try:
-        report = run_bench(settings, seconds=args.seconds, viewers=args.viewers)
+        if args.find_max:
+            report = find_max(args)
+        else:
+            report = run_bench(settings, seconds=args.seconds, viewers=args.viewers)
+            report["meets_targets"] = meets_targets(report)
         if args.efficiency:
             report["efficiency"] = efficiency(settings, seconds=max(3.0, args.seconds / 2))
     finally:
@@ -297,5 +417,8 @@ def main(args: Any) -> int:
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
+        png = Path(args.json).with_suffix(".png")
+        if plot(report, png):
+            print(f"bench: plot written to {png}", file=sys.stderr)
     print(text)
     return 0

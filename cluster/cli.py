@@ -69,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="encoder actors (2)")
     bench.add_argument("--viewers", type=int, default=1, help="aiortc viewers per device (1)")
     bench.add_argument("--address", default=None, help="Ray cluster to join (default: local)")
-    bench.add_argument("--json", default=None, help="also write the report to this file")
+    bench.add_argument(
+        "--json", default=None, help="also write the report here, and a PNG plot beside it"
+    )
+    bench.add_argument(
+        "--find-max",
+        action="store_true",
+        help="search the most devices with drops < 1 %% and pipeline p99 < 25 ms",
+    )
     bench.add_argument(
         "--no-efficiency",
         dest="efficiency",

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from cluster.bench import baseline_fps, bench_settings, pipeline_throughput, run_bench
+from cluster.bench import (
+    baseline_fps,
+    bench_settings,
+    meets_targets,
+    pipeline_throughput,
+    plot,
+    run_bench,
+)
 
 
-def test_short_bench_report_is_consistent(ray_local: Any) -> None:
+def test_short_bench_report_is_consistent(ray_local: Any, tmp_path: Path) -> None:
     report = run_bench(
         bench_settings(2, fps=30, width=720, height=1280, workers=1), seconds=4, warmup=1
     )
@@ -26,6 +34,9 @@ def test_short_bench_report_is_consistent(ray_local: Any) -> None:
     assert cpu["ray::EncoderActor"] > 0 and cpu["ray::CaptureActor"] > 0, cpu
     total = report["total"]["capture_to_decoded_ms"]
     assert total["p50"] <= total["p95"] <= total["p99"]
+    assert isinstance(meets_targets(report), bool)
+    png = tmp_path / "bench.png"
+    assert plot(report, png) and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_efficiency_inputs_are_measured(ray_local: Any) -> None:
