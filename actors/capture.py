@@ -160,7 +160,7 @@ class CaptureWorker:
         task.add_done_callback(self._pending.discard)
 
     def _report(self, name: str | None, reason: str) -> None:
-        if name is None:
+        if name is None or self.status == "stopped":
             return
         now = time.monotonic()
         if now - self._reported.get(name, 0.0) < REPORT_EVERY_S:

@@ -5,8 +5,9 @@ Every `monitor.interval_s` one task on the actor's event loop samples
   raylets, in a worker thread: those calls block),
 - per watched actor, what its `resources()` answers (threads, asyncio tasks, fds,
   subprocesses, PeerConnections, ...).
-The first sample is the baseline. A value that grows more than `growth_percent` over its
-baseline (and by at least a small absolute amount, so 1 -> 2 tasks is not a leak) is
+The first sample at each load level (an actor's viewers, streams, frames in flight) is
+that level's baseline. A value that grows more than `growth_percent` over the baseline of
+the same load (and by at least a small absolute amount, so 1 -> 2 tasks is not a leak) is
 logged as a structured warning (`leak suspected: {json}`) and sets the gauge
 `cpm_leak_suspected{actor, resource}` to 1 until it falls back. `last_sample` is what
 `/api/stats` shows.
@@ -26,6 +27,15 @@ from actors import metrics
 from configs.schema import MonitorConfig
 
 logger = logging.getLogger(__name__)
+
+#: What an actor reports as its load, not as a resource: not judged, but each load level
+#: gets its own baseline.
+LOAD_KEYS = frozenset({"viewers", "peer_connections", "streams", "frames_in_flight"})
+
+
+def _level(actor: str, load: tuple[tuple[str, int], ...]) -> str:
+    return actor if not load else actor + "@" + ",".join(f"{k}={v}" for k, v in load)
+
 
 #: Smallest growth that counts, per resource (noise floor): counts, and bytes.
 MIN_GROWTH = {"object_store_bytes": 64 * 1024 * 1024}
@@ -53,7 +63,10 @@ class LeakMonitor:
 
     def unwatch(self, name: str) -> None:
         self.probes.pop(name, None)
-        self.baseline.pop(name, None)
+        for level in [k for k in self.baseline if k == name or k.startswith(name + "@")]:
+            del self.baseline[level]
+        for key in [k for k in self.suspects if k[0] == name]:
+            del self.suspects[key]
 
     async def start(self) -> None:
         """Start sampling (idempotent)."""
@@ -110,8 +123,12 @@ class LeakMonitor:
 
     def _compare(self, values: dict[str, dict[str, int]]) -> None:
         for actor, counts in values.items():
-            base = self.baseline.setdefault(actor, dict(counts))
-            for resource, value in counts.items():
+            load = tuple(sorted((k, v) for k, v in counts.items() if k in LOAD_KEYS))
+            judged = {k: v for k, v in counts.items() if k not in LOAD_KEYS}
+            # A baseline per load level: 10 viewers legitimately hold more tasks and fds
+            # than none. A leak is growth at the same load (e.g. back at zero viewers).
+            base = self.baseline.setdefault(_level(actor, load), dict(judged))
+            for resource, value in judged.items():
                 if resource not in base:
                     base[resource] = value
                     continue
@@ -125,6 +142,7 @@ class LeakMonitor:
                         "resource": resource,
                         "baseline": base[resource],
                         "value": value,
+                        "load": dict(load),
                         "growth_percent": round(
                             100 * (value - base[resource]) / max(base[resource], 1), 1
                         ),
@@ -134,7 +152,9 @@ class LeakMonitor:
                     metrics.set_gauge("leak_suspected", 1, actor=actor, resource=resource)
                 elif growing:
                     self.suspects[key]["value"] = value
-                elif key in self.suspects:
+                elif key in self.suspects and _level(actor, load) == _level(
+                    actor, tuple(sorted(self.suspects[key]["load"].items()))
+                ):
                     del self.suspects[key]
                     logger.info("leak monitor: %s %s back to %d", actor, resource, value)
                     metrics.set_gauge("leak_suspected", 0, actor=actor, resource=resource)
