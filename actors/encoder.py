@@ -97,6 +97,7 @@ class StreamEncoder:
         self._ctx = self._open(self.bitrate_bps)
         self._pending_bitrate: int | None = None
         self._reconfigured_at = 0.0
+        self._decoder: Any = None
         self._last_pts = -1
 
     def _open(self, bitrate_bps: int) -> VideoCodecContext:
@@ -140,13 +141,45 @@ class StreamEncoder:
         """The next frame becomes an IDR (with SPS/PPS in front)."""
         self._keyframe_requested = True
 
-    def encode(self, data: np.ndarray, capture_ms: float) -> list[tuple[bytes, bool, float]]:
-        """Encode one frame; return its access units as (bytes, keyframe, encode ms)."""
+    def encode(
+        self, data: np.ndarray, capture_ms: float, pix_fmt: str = "yuv420p"
+    ) -> list[tuple[bytes, bool, float]]:
+        """Encode one frame; return its access units as (bytes, keyframe, encode ms).
+
+        Packed RGB from screencap is converted here, on the encoder's core.
+        """
         start = time.perf_counter()
+        if pix_fmt == "rgb565le":
+            data, pix_fmt = rgb565_to_rgb24(data), "rgb24"
+        frame = av.VideoFrame.from_ndarray(data, format=pix_fmt)
+        return self.encode_frame(frame, capture_ms, start)
+
+    def encode_packet(self, data: bytes, capture_ms: float) -> list[tuple[bytes, bool, float]]:
+        """Transcode one H.264 access unit from a device: decode, scale, encode."""
+        start = time.perf_counter()
+        if self._decoder is None:
+            self._decoder = av.CodecContext.create("h264", "r")
+        out: list[tuple[bytes, bool, float]] = []
+        try:
+            frames = self._decoder.decode(av.Packet(data))
+        except av.FFmpegError as exc:
+            self.stats.drop("decode_error")
+            logger.warning("%s: decoding the device's H.264 failed: %s", self.device.id, exc)
+            return out
+        for frame in frames:
+            out += self.encode_frame(frame, capture_ms, start)
+        return out
+
+    def encode_frame(
+        self, frame: av.VideoFrame, capture_ms: float, start: float
+    ) -> list[tuple[bytes, bool, float]]:
         self._apply_bitrate()
-        frame = av.VideoFrame.from_ndarray(data, format="yuv420p")
-        if self._ctx.pix_fmt != "yuv420p":
-            frame = frame.reformat(format=self._ctx.pix_fmt)
+        d = self.device
+        if frame.format.name != self._ctx.pix_fmt or (frame.width, frame.height) != (
+            d.width,
+            d.height,
+        ):
+            frame = frame.reformat(width=d.width, height=d.height, format=self._ctx.pix_fmt)
         # 90 kHz from the capture clock; strictly rising, as the encoder requires.
         pts = max(int(capture_ms * 90), self._last_pts + 1)
         self._last_pts = pts
@@ -154,6 +187,10 @@ class StreamEncoder:
         if self._keyframe_requested:
             frame.pict_type = av.video.frame.PictureType.I
             self._keyframe_requested = False
+        else:
+            # A decoded (transcoded) frame keeps its source's picture type; the GOP here
+            # is this encoder's own.
+            frame.pict_type = av.video.frame.PictureType.NONE
         packets = self._ctx.encode(frame)
         elapsed = (time.perf_counter() - start) * 1000
         self.stats.frames_in += 1
@@ -172,6 +209,15 @@ class StreamEncoder:
             self._ctx.encode(None)
         except av.FFmpegError:
             logger.debug("flushing the encoder of %s failed", self.device.id, exc_info=True)
+
+
+def rgb565_to_rgb24(data: np.ndarray) -> np.ndarray:
+    """RGB 5-6-5 (H x W uint16) to packed RGB 8-8-8, with the high bits repeated."""
+    v = data.astype(np.uint16)
+    r = ((v >> 11) & 0x1F).astype(np.uint8)
+    g = ((v >> 5) & 0x3F).astype(np.uint8)
+    b = (v & 0x1F).astype(np.uint8)
+    return np.stack(((r << 3) | (r >> 2), (g << 2) | (g >> 4), (b << 3) | (b >> 2)), axis=-1)
 
 
 Sink = Callable[[EncodedUnit], Any]
@@ -234,19 +280,53 @@ class EncoderWorker:
         stream.request_keyframe()
         return True
 
-    def encode(self, device_id: str, data: np.ndarray, index: int, capture_ms: float) -> int:
+    def encode(
+        self,
+        device_id: str,
+        data: np.ndarray,
+        index: int,
+        capture_ms: float,
+        pix_fmt: str = "yuv420p",
+    ) -> int:
         """Encode frame `index` of `device_id`; return the number of access units sent.
 
         A frame that waited more than STALE_AFTER_MS since capture is dropped (counted).
         """
+        stream = self._stream(device_id, capture_ms)
+        if stream is None:
+            return 0
+        return self._send(
+            stream, device_id, index, capture_ms, stream.encode(data, capture_ms, pix_fmt)
+        )
+
+    def encode_packet(self, device_id: str, data: bytes, index: int, capture_ms: float) -> int:
+        """Transcode access unit `index` of a device's own H.264 (never dropped as stale:
+        a skipped unit would break the decoder until the next IDR)."""
+        stream = self._streams.get(device_id)
+        if stream is None:
+            raise KeyError(f"stream {device_id!r} is not open on {self.name}")
+        return self._send(
+            stream, device_id, index, capture_ms, stream.encode_packet(data, capture_ms)
+        )
+
+    def _stream(self, device_id: str, capture_ms: float) -> StreamEncoder | None:
         stream = self._streams.get(device_id)
         if stream is None:
             raise KeyError(f"stream {device_id!r} is not open on {self.name}")
         if time.time() * 1000 - capture_ms > STALE_AFTER_MS:
             stream.stats.drop("stale")
             metrics.inc("frames_dropped", device=device_id, stage="encoder", reason="stale")
-            return 0
-        units = stream.encode(data, capture_ms)
+            return None
+        return stream
+
+    def _send(
+        self,
+        stream: StreamEncoder,
+        device_id: str,
+        index: int,
+        capture_ms: float,
+        units: list[tuple[bytes, bool, float]],
+    ) -> int:
         backend = self.detection.backend
         for _payload, _keyframe, encode_ms in units:
             metrics.inc("frames_encoded", device=device_id, encoder=self.name, hwaccel=backend)

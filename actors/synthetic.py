@@ -31,11 +31,13 @@ class RawFrame:
     """One captured frame, as it travels to the encoder."""
 
     data: np.ndarray
-    """yuv420p planes, shape (height * 3 // 2, width), uint8."""
+    """The pixels; for yuv420p the planes, shape (height * 3 // 2, width), uint8."""
     index: int
     """Frame index from the source's start, stamped into synthetic frames."""
     capture_ms: int
     """Capture wall-clock time in ms (`time.time() * 1000`)."""
+    pix_fmt: str = "yuv420p"
+    """Pixel layout of `data`: yuv420p (planes), rgba / rgb24 (H x W x C), rgb565le (H x W)."""
 
 
 class SyntheticSource:

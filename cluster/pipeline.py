@@ -18,7 +18,7 @@ from actors.capture import create_capture_actor
 from actors.monitor import create_monitor_actor
 from actors.pool import create_pool_actor
 from configs.schema import Settings
-from ingress.actor import create_ingress_actor
+from ingress.actor import _is_passthrough, create_ingress_actor
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,14 @@ class Pipeline:
             )
             self.captures[device.id] = capture
             _get(self.ingress.add_device.remote(device, capture=capture), f"capture:{device.id}")
-            _get(self.pool.add_stream.remote(device, capture), f"capture:{device.id}")
+            _get(capture.report_status_to.remote(self.ingress), f"capture:{device.id}")
+            if _is_passthrough(device):
+                # The device's own H.264 goes to the ingress; no encoder is used.
+                _get(capture.set_ingress.remote(self.ingress), f"capture:{device.id}")
+                info = {"name": "passthrough", "node": None, "hwaccel": "device"}
+                _get(self.ingress.set_encoder.remote(device.id, None, info), "ingress")
+            else:
+                _get(self.pool.add_stream.remote(device, capture), f"capture:{device.id}")
         count = max(len(self.captures), 1)
         _get(
             [c.start.remote(i / count) for i, c in enumerate(self.captures.values())],

@@ -3,9 +3,12 @@
 from configs.loader import ConfigError, load_settings
 from configs.schema import (
     ActorResources,
+    AdbScreencapSource,
+    AdbScreenrecordSource,
     DeviceConfig,
     EncoderConfig,
     IngressConfig,
+    MediaSource,
     MonitorConfig,
     PoolConfig,
     Settings,
@@ -14,6 +17,9 @@ from configs.schema import (
 
 __all__ = [
     "ActorResources",
+    "AdbScreencapSource",
+    "AdbScreenrecordSource",
+    "MediaSource",
     "ConfigError",
     "DeviceConfig",
     "EncoderConfig",

@@ -30,7 +30,61 @@ class SyntheticSource(_Section):
     )
 
 
-SourceConfig = Annotated[SyntheticSource, Field(discriminator="kind")]
+class _AdbSource(_Section):
+    serial: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:\-]+$",
+        description="adb serial; host:port for a network device (adb connect is run first).",
+    )
+    adb_path: str = Field(default="adb", min_length=1, description="The adb binary.")
+
+
+class AdbScreenrecordSource(_AdbSource):
+    """`adb exec-out screenrecord --output-format=h264`: the device's own H.264."""
+
+    kind: Literal["adb-screenrecord"] = "adb-screenrecord"
+    mode: Literal["passthrough", "transcode"] = Field(
+        default="passthrough",
+        description="passthrough: the device's H.264 goes to viewers as is; transcode: "
+        "decoded and re-encoded on an encoder actor to the configured size and bitrate.",
+    )
+    bit_rate_bps: Annotated[int, Field(ge=100_000, le=100_000_000)] = Field(
+        default=4_000_000, description="screenrecord --bit-rate."
+    )
+    time_limit_s: Annotated[int, Field(ge=1, le=180)] = Field(
+        default=180,
+        description="screenrecord --time-limit; it is restarted at once when it ends.",
+    )
+
+
+class AdbScreencapSource(_AdbSource):
+    """`adb exec-out screencap`: raw frames polled at the device's fps."""
+
+    kind: Literal["adb-screencap"] = "adb-screencap"
+    png: bool = Field(default=False, description="Ask for PNG (-p) instead of raw pixels.")
+    refresh_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        default=1.0,
+        description="Unchanged frames are skipped, but one is sent at least this often.",
+    )
+
+
+class MediaSource(_Section):
+    """Anything PyAV opens: a file (looped), lavfi, x11grab, v4l2, RTSP."""
+
+    kind: Literal["media"] = "media"
+    url: str = Field(min_length=1, description="Path or URL, e.g. rtsp://... or testsrc.")
+    format: str | None = Field(default=None, description="Input format, e.g. lavfi, x11grab, v4l2.")
+    options: dict[str, str] = Field(
+        default_factory=dict, description="Demuxer options, e.g. {rtsp_transport: tcp}."
+    )
+    loop: bool = Field(default=True, description="Start a file again at its end.")
+
+
+SourceConfig = Annotated[
+    SyntheticSource | AdbScreenrecordSource | AdbScreencapSource | MediaSource,
+    Field(discriminator="kind"),
+]
 
 
 class DeviceConfig(_Section):

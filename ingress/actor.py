@@ -44,11 +44,15 @@ class IngressActor:
             ),
             capture_stats=lambda: capture.stats.remote(),
             input_sink=lambda event: capture.handle_input.remote(event),
+            cache_gop=_is_passthrough(device),
         )
 
     async def set_encoder(self, device_id: str, encoder: Any, info: dict[str, Any] | None) -> None:
         stats = (lambda: encoder.stats.remote()) if encoder is not None else None
         self.server.set_encoder(device_id, info, stats)
+
+    async def device_status(self, device_id: str, status: str, reason: str | None) -> None:
+        self.server.device_status(device_id, status, reason)
 
     async def set_ready(self, ready: bool = True) -> None:
         self.server.set_ready(ready)
@@ -80,3 +84,8 @@ def create_ingress_actor(config: IngressConfig, *, scheduling_strategy: Any = No
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
     return ray.remote(IngressActor).options(**options).remote(config=config)
+
+
+def _is_passthrough(device: DeviceConfig) -> bool:
+    source = device.source
+    return source.kind == "adb-screenrecord" and getattr(source, "mode", "") == "passthrough"

@@ -26,6 +26,8 @@ from actors.stamp import STAMP_HEIGHT, read_stamp, stamp_age_ms
 
 logger = logging.getLogger(__name__)
 
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
 
 @dataclass(frozen=True)
 class ReceivedFrame:
@@ -140,7 +142,9 @@ class Viewer:
         offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         path = f"/api/devices/{self.device_id}/sessions"
         async with (
-            aiohttp.ClientSession(self.base_url, headers=self.headers) as http,
+            aiohttp.ClientSession(
+                self.base_url, headers=self.headers, timeout=HTTP_TIMEOUT
+            ) as http,
             http.post(path, json=offer) as response,
         ):
             body = await response.json()
@@ -199,7 +203,9 @@ class Viewer:
         try:
             if leave and self.session_id:
                 async with (
-                    aiohttp.ClientSession(self.base_url, headers=self.headers) as http,
+                    aiohttp.ClientSession(
+                        self.base_url, headers=self.headers, timeout=HTTP_TIMEOUT
+                    ) as http,
                     http.delete(f"/api/sessions/{self.session_id}") as response,
                 ):
                     if response.status not in (204, 404):

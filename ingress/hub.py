@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Two keyframe requests closer than this are one request.
 KEYFRAME_DEBOUNCE_S = 0.5
+#: Most access units kept from the last keyframe on, for devices whose encoder cannot be
+#: asked for a keyframe (screenrecord passthrough): a new viewer starts from them.
+GOP_CACHE_MAX = 600
 #: The encoder's bitrate follows the viewers' REMB at most this often.
 BITRATE_EVERY_S = 1.0
 #: A device that sent nothing for this long is `stalled`.
@@ -110,8 +113,10 @@ class DeviceHub:
         *,
         queue_size: int = 60,
         request_keyframe: Callable[[], Any] | None = None,
+        cache_gop: bool = False,
     ) -> None:
         self.device_id = device_id
+        self.gop: list[OutgoingUnit] | None = [] if cache_gop else None
         self.queue_size = queue_size
         self._request_keyframe = request_keyframe
         self._set_bitrate: Callable[[int], Any] | None = None
@@ -209,7 +214,7 @@ class DeviceHub:
     def push(self, unit: EncodedUnit) -> None:
         """Take one access unit from the encoder and offer it to every viewer."""
         now_ms = time.time() * 1000
-        if unit.seq <= self._last_seq:
+        if unit.seq < self._last_seq:
             # Should not happen (one encoder thread submits in order); if it does, the
             # unit cannot be decoded in place: drop it and resync viewers on a keyframe.
             self.count_drop("out_of_order")
@@ -241,12 +246,24 @@ class DeviceHub:
             metrics.set_gauge("viewers", self.viewers, device=self.device_id)
             metrics.set_gauge("bitrate_bps", self.rates()[1], device=self.device_id)
         out = OutgoingUnit(unit.data, pts, unit.keyframe, unit.capture_ms, unit.seq)
+        if self.gop is not None:
+            if out.keyframe:
+                self.gop = [out]
+            elif self.gop and len(self.gop) < GOP_CACHE_MAX:
+                self.gop.append(out)
+            elif self.gop:
+                self.gop = []  # too long to replay: wait for the next keyframe
         for feed in self.feeds:
             feed.offer(out)
 
     def add_viewer(self) -> ViewerFeed:
         feed = ViewerFeed(self, self.queue_size)
         self.feeds.add(feed)
+        if self.gop and len(self.gop) <= self.queue_size:
+            # Start from the cached keyframe and what followed it: the device's encoder
+            # cannot be asked for a new one.
+            for unit in self.gop:
+                feed.offer(unit)
         # A new viewer starts on a keyframe; ask for one now rather than wait a GOP.
         self.request_keyframe("new viewer")
         return feed

@@ -49,6 +49,8 @@ class DeviceEntry:
     """The encoder carrying the stream: name, node, hwaccel."""
     capture_stats: StatsSource | None = None
     input_sink: Callable[[dict[str, Any]], Any] | None = None
+    capture_status: str = "idle"
+    offline_reason: str | None = None
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -81,12 +83,16 @@ class IngressServer:
         set_bitrate: Callable[[int], Any] | None = None,
         capture_stats: StatsSource | None = None,
         input_sink: Callable[[dict[str, Any]], Any] | None = None,
+        cache_gop: bool = False,
     ) -> None:
         """Serve `device`; it is `pending` until `set_encoder` names its encoder."""
         entry = self.devices.get(device.id)
         if entry is None:
             hub = DeviceHub(
-                device.id, queue_size=self.config.viewer_queue, request_keyframe=request_keyframe
+                device.id,
+                queue_size=self.config.viewer_queue,
+                request_keyframe=request_keyframe,
+                cache_gop=cache_gop,
             )
             entry = self.devices[device.id] = DeviceEntry(config=device, hub=hub)
         else:
@@ -257,6 +263,8 @@ class IngressServer:
             "height": entry.config.height,
             "fps": entry.config.fps,
             "viewers": entry.hub.viewers,
+            "source": entry.config.source.kind,
+            "offline_reason": entry.offline_reason if entry.capture_status == "offline" else None,
             "encoder": {
                 "name": entry.encoder.get("name"),
                 "node": entry.encoder.get("node"),
@@ -264,8 +272,16 @@ class IngressServer:
             },
         }
 
+    def device_status(self, device_id: str, status: str, reason: str | None) -> None:
+        """The capture actor's status: `offline` (with why) wins over the stream's."""
+        entry = self.devices.get(device_id)
+        if entry is not None:
+            entry.capture_status, entry.offline_reason = status, reason
+
     @staticmethod
     def _status(entry: DeviceEntry) -> str:
+        if entry.capture_status == "offline":
+            return "offline"
         return entry.hub.status() if entry.encoder else "pending"
 
     async def _list_devices(self, request: web.Request) -> web.Response:

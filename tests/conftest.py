@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -57,3 +61,49 @@ def settings(devices: int = 1, **sections: dict[str, Any]) -> Any:
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return Settings(**data)
+
+
+#: Frames in the replayed H.264 stream and screencap set (the ADB stand-in loops them).
+REPLAYED = 300
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in's folder: its data, its state, and an `adb` wrapper that runs it."""
+    import av
+    import numpy as np
+
+    from actors.encoder import StreamEncoder
+    from actors.synthetic import SyntheticSource
+    from configs.schema import DeviceConfig, EncoderConfig
+
+    folder = tmp_path_factory.mktemp("fake-adb")
+    # A real H.264 stream: 300 stamped synthetic frames, an IDR every 30.
+    device = DeviceConfig(id="phone", width=720, height=1280)
+    encoder = StreamEncoder(device, EncoderConfig(keyframe_interval=30), "libx264")
+    source = SyntheticSource(width=720, height=1280)
+    stream, units = bytearray(), []
+    for i in range(REPLAYED):
+        frame = source.frame_at(i, 1_000_000 + i * 33)
+        for payload, _key, _ms in encoder.encode(frame.data, frame.capture_ms):
+            units.append((len(stream), len(payload)))
+            stream += payload
+    (folder / "stream.h264").write_bytes(bytes(stream))
+    (folder / "units.json").write_text(json.dumps(units))
+    (folder / "frames_per_run").write_text("60")
+    # Real raw screencap frames: RGBA with Android 12's 16-byte header.
+    shots = folder / "screencap"
+    shots.mkdir()
+    for i in range(REPLAYED):
+        yuv = av.VideoFrame.from_ndarray(source.frame_at(i, 2_000_000 + i * 66).data, "yuv420p")
+        rgba = yuv.to_ndarray(format="rgba")
+        header = np.array([720, 1280, 1, 0], dtype="<u4").tobytes()
+        (shots / f"{i:04d}.raw").write_bytes(header + rgba.tobytes())
+    wrapper = folder / "adb"
+    wrapper.write_text(
+        f'#!/bin/sh\nFAKE_ADB_DIR="{folder}" exec "{sys.executable}" '
+        f'"{ROOT / "tests" / "fake_adb.py"}" "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return folder
