@@ -179,7 +179,13 @@ def _report(
             "encode_ms": {"p50": a.get("encode_ms_p50"), "p99": a.get("encode_ms_p99")},
             "first_frame_s": result.first_frame_s,
         }
+    capture_cpu = cpu.get("ray::CaptureActor", 0.0)
+    captured_per_s = sum(d["frames_captured"] for d in devices.values()) / max(seconds, 1e-9)
     return {
+        "capture_cpu_ms_per_frame": round(10 * capture_cpu / captured_per_s, 3)
+        if captured_per_s
+        else None,
+        "sources": sorted({d.source.kind for d in settings.devices}),
         "devices_n": len(settings.devices),
         "seconds": seconds,
         "size": [settings.devices[0].width, settings.devices[0].height]
@@ -397,9 +403,17 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 def main(args: Any) -> int:
     import ray
 
-    settings = bench_settings(
-        args.devices, fps=args.fps, width=args.width, height=args.height, workers=args.workers
-    )
+    if args.config:
+        from configs.loader import load_settings
+
+        loaded = load_settings(args.config)
+        settings = loaded.model_copy(
+            update={"ingress": loaded.ingress.model_copy(update={"port": 0})}
+        )
+    else:
+        settings = bench_settings(
+            args.devices, fps=args.fps, width=args.width, height=args.height, workers=args.workers
+        )
     if args.address:
         ray.init(address=args.address, namespace="cloudphone-media-bench")
     else:

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure N synthetic devices end to end with real WebRTC viewers"
     )
     bench.add_argument("--devices", type=int, default=4, help="synthetic devices (4)")
+    bench.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="bench the devices of this configuration instead of N synthetic ones",
+    )
     bench.add_argument("--seconds", type=float, default=20.0, help="measurement time (20)")
     bench.add_argument("--fps", type=int, default=30)
     bench.add_argument("--width", type=int, default=720)
