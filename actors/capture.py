@@ -10,7 +10,6 @@ on the encoder; a frame that finds no room is dropped before it is put and count
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actors import metrics
+from actors.aio import cancel_and_wait
 from actors.input import InputError, SwipeEvent, TapEvent, adb_input_args, parse_event
 from actors.sources import Captured, EncodedFrame, SourceOffline, SyntheticFeed, make_feed
 from actors.stats import node_id, process_resources
@@ -129,10 +129,7 @@ class CaptureWorker:
         """Stop capturing and wait for frames in flight (bounded; idempotent)."""
         self.status = "stopped"
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self._pending:
             await asyncio.wait(self._pending, timeout=2.0)
         await self.feed.close()

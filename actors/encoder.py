@@ -60,6 +60,8 @@ class EncodedUnit:
     """Time spent encoding it, ms."""
     encoded_ms: float
     """Wall-clock time when the encoder finished it, ms."""
+    encoder: str = ""
+    """The encoder that made it (the ingress takes units only from the current one)."""
 
 
 @dataclass
@@ -344,6 +346,7 @@ class EncoderWorker:
                     capture_ms=capture_ms,
                     encode_ms=encode_ms,
                     encoded_ms=now,
+                    encoder=self.name,
                 )
             )
         return len(units)

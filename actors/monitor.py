@@ -16,7 +16,6 @@ logged as a structured warning (`leak suspected: {json}`) and sets the gauge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actors import metrics
+from actors.aio import cancel_and_wait
 from configs.schema import MonitorConfig
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ class LeakMonitor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

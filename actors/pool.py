@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.aio import cancel_and_wait
 from configs.schema import DeviceConfig, EncoderConfig, PoolConfig
 
 logger = logging.getLogger(__name__)
@@ -162,10 +163,7 @@ class EncoderPool:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -117,6 +117,7 @@ class DeviceHub:
     ) -> None:
         self.device_id = device_id
         self.gop: list[OutgoingUnit] | None = [] if cache_gop else None
+        self.encoder_name: str | None = None
         self.queue_size = queue_size
         self._request_keyframe = request_keyframe
         self._set_bitrate: Callable[[int], Any] | None = None
@@ -211,8 +212,23 @@ class DeviceHub:
         except Exception:
             logger.exception("%s: keyframe request failed", self.device_id)
 
+    def set_encoder(self, name: str | None) -> None:
+        """The encoder now carrying this stream; units of any other are refused.
+
+        After a failover the old encoder may still deliver a few units (its node was
+        slow, not gone): they belong to another decoding chain. Viewers resume at the new
+        encoder's first unit, an IDR.
+        """
+        if name != self.encoder_name:
+            self.encoder_name = name
+            for feed in self.feeds:
+                feed.waiting_for_keyframe = True
+
     def push(self, unit: EncodedUnit) -> None:
         """Take one access unit from the encoder and offer it to every viewer."""
+        if unit.encoder and self.encoder_name and unit.encoder != self.encoder_name:
+            self.count_drop("old_encoder")
+            return
         now_ms = time.time() * 1000
         if unit.seq < self._last_seq:
             # Should not happen (one encoder thread submits in order); if it does, the

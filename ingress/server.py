@@ -109,6 +109,7 @@ class IngressServer:
         if entry is None:
             return
         entry.encoder = dict(info or {})
+        entry.hub.set_encoder(entry.encoder.get("name"))
         if info and stats is not None:
             self.encoder_stats[info["name"]] = stats
         used = {e.encoder.get("name") for e in self.devices.values()}

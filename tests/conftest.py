@@ -49,6 +49,12 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
+def base_url(pipeline: Any) -> str:
+    """The viewer URL of a started pipeline."""
+    assert pipeline.info is not None
+    return str(pipeline.info.url)
+
+
 def settings(devices: int = 1, **sections: dict[str, Any]) -> Any:
     """Settings for `devices` synthetic 720x1280 devices, ingress on a free port."""
     from configs.schema import Settings

@@ -21,7 +21,7 @@ from actors.stamp import read_stamp
 from cluster.pipeline import Pipeline
 from configs.schema import Settings
 from ingress.client import Viewer, watch
-from tests.conftest import REPLAYED, wait_for
+from tests.conftest import REPLAYED, base_url, wait_for
 
 
 def make_settings(fake: Path, *devices: dict[str, Any]) -> Settings:
@@ -73,11 +73,6 @@ def pipeline(ray_local: Any, fake: Path) -> Iterator[Pipeline]:
         p.stop()
 
 
-def url(p: Pipeline) -> str:
-    assert p.info is not None
-    return p.info.url
-
-
 def capture_stats(p: Pipeline, device: str) -> dict[str, Any]:
     return ray.get(p.captures[device].stats.remote())
 
@@ -89,7 +84,7 @@ def in_order(indices: list[int]) -> bool:
 
 
 def test_passthrough_survives_screenrecord_restarts(pipeline: Pipeline) -> None:
-    result = asyncio.run(watch(url(pipeline), "rec", frames=150, timeout=30))
+    result = asyncio.run(watch(base_url(pipeline), "rec", frames=150, timeout=30))
     assert len(result.frames) == 150 and result.decode_errors == 0
     idx = result.indices
     assert in_order(idx), [(a, b) for a, b in zip(idx, idx[1:], strict=False) if b <= a]
@@ -109,7 +104,7 @@ def watch_scaled(
     the stamp is fixed in source pixels, so each frame is scaled back before reading."""
 
     async def scenario() -> tuple[set[tuple[int, int]], list[int], int]:
-        viewer = Viewer(url(p), device)
+        viewer = Viewer(base_url(p), device)
         await viewer.connect()
         sizes, indices = set(), []
         try:
@@ -166,7 +161,7 @@ def test_offline_and_back(pipeline: Pipeline, fake: Path) -> None:
 def _devices(p: Pipeline) -> list[dict[str, Any]]:
     import urllib.request
 
-    with urllib.request.urlopen(url(p) + "api/devices", timeout=10) as r:
+    with urllib.request.urlopen(base_url(p) + "api/devices", timeout=10) as r:
         return list(json.loads(r.read()))
 
 

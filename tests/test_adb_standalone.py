@@ -15,8 +15,8 @@ import ray
 from actors.synthetic import SyntheticSource
 from cluster.pipeline import Pipeline
 from ingress.client import watch
-from tests.conftest import wait_for
-from tests.test_adb import make_settings, url
+from tests.conftest import base_url, wait_for
+from tests.test_adb import make_settings
 
 
 def test_no_adb_process_outlives_the_pipeline(ray_local: Any, fake: Path) -> None:
@@ -84,7 +84,7 @@ def test_media_file_plays_looping(ray_local: Any, tmp_path: Path) -> None:
     )
     try:
         p.start()
-        result = asyncio.run(watch(url(p), "clip", frames=100, timeout=30))
+        result = asyncio.run(watch(base_url(p), "clip", frames=100, timeout=30))
         stats = ray.get(p.captures["clip"].stats.remote())
     finally:
         p.stop()

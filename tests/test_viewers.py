@@ -17,7 +17,7 @@ import ray
 from actors.stats import percentile
 from cluster.pipeline import Pipeline
 from ingress.client import SignallingError, Viewer, watch
-from tests.conftest import settings, wait_for
+from tests.conftest import base_url, settings, wait_for
 
 TOKEN = "full-token-123"
 VIEW = "view-token-123"
@@ -49,11 +49,6 @@ def pipeline(ray_local: Any) -> Iterator[Pipeline]:
         p.stop()
 
 
-def url(p: Pipeline) -> str:
-    assert p.info is not None
-    return p.info.url
-
-
 def encoder_stream(p: Pipeline, device: str) -> dict[str, Any]:
     name = ray.get(p.pool.stats.remote())["streams"][device]["encoder"]
     return ray.get(ray.get(p.pool.encoder_handles.remote())[name].stats.remote())["streams"][device]
@@ -68,7 +63,7 @@ def resources(p: Pipeline) -> dict[str, int]:
 
 def test_ten_viewers_decode_and_a_slow_one_does_not_slow_the_rest(pipeline: Pipeline) -> None:
     async def viewer(slow: bool, seconds: float) -> tuple[int, int, float]:
-        v = Viewer(url(pipeline), "dev-0", token=TOKEN)
+        v = Viewer(base_url(pipeline), "dev-0", token=TOKEN)
         await v.connect()
         frames: list[int] = []
         deadline = time.monotonic() + seconds
@@ -105,7 +100,7 @@ def test_ten_viewers_decode_and_a_slow_one_does_not_slow_the_rest(pipeline: Pipe
 
 def test_pli_produces_an_idr_and_is_debounced(pipeline: Pipeline) -> None:
     async def scenario() -> tuple[int, int]:
-        v = Viewer(url(pipeline), "dev-1", token=TOKEN)
+        v = Viewer(base_url(pipeline), "dev-1", token=TOKEN)
         await v.connect()
         try:
             for _ in range(10):
@@ -127,7 +122,7 @@ def test_pli_produces_an_idr_and_is_debounced(pipeline: Pipeline) -> None:
 
 def test_remb_lowers_the_encoder_bitrate(pipeline: Pipeline) -> None:
     async def scenario() -> None:
-        v = Viewer(url(pipeline), "dev-1", token=TOKEN)
+        v = Viewer(base_url(pipeline), "dev-1", token=TOKEN)
         await v.connect()
         try:
             for _ in range(5):
@@ -157,7 +152,7 @@ def marker_at(frame: Any, x: float, y: float) -> bool:
 
 def test_tap_draws_a_marker_where_it_was_tapped(pipeline: Pipeline) -> None:
     async def scenario() -> tuple[dict[str, Any], bool, bool]:
-        v = Viewer(url(pipeline), "dev-0", token=TOKEN, input=True)
+        v = Viewer(base_url(pipeline), "dev-0", token=TOKEN, input=True)
         await v.connect()
         try:
             first = await v.next_frame(10)
@@ -199,7 +194,7 @@ def test_invalid_input_is_answered_and_dropped(
     before = ray.get(pipeline.captures["dev-1"].stats.remote())["inputs"]
 
     async def scenario() -> dict[str, Any]:
-        v = Viewer(url(pipeline), "dev-1", token=TOKEN, input=True)
+        v = Viewer(base_url(pipeline), "dev-1", token=TOKEN, input=True)
         await v.connect()
         try:
             return await v.send_input(message)
@@ -213,9 +208,9 @@ def test_invalid_input_is_answered_and_dropped(
 
 def test_view_only_token_cannot_send_input_and_rate_is_limited(pipeline: Pipeline) -> None:
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        viewer = Viewer(url(pipeline), "dev-1", token=VIEW, input=True)
+        viewer = Viewer(base_url(pipeline), "dev-1", token=VIEW, input=True)
         await viewer.connect()
-        full = Viewer(url(pipeline), "dev-1", token=TOKEN, input=True)
+        full = Viewer(base_url(pipeline), "dev-1", token=TOKEN, input=True)
         await full.connect()
         try:
             refused = await viewer.send_input({"type": "key", "code": 4})
@@ -238,7 +233,7 @@ def test_view_only_token_cannot_send_input_and_rate_is_limited(pipeline: Pipelin
 def _http(pipeline: Pipeline, method: str, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
     async def go() -> tuple[int, Any, Any]:
         async with (
-            aiohttp.ClientSession(url(pipeline)) as http,
+            aiohttp.ClientSession(base_url(pipeline)) as http,
             http.request(method, path, **kwargs) as r,
         ):
             text = await r.text()
@@ -269,16 +264,16 @@ def test_cors_only_for_configured_origins(pipeline: Pipeline) -> None:
 
 
 def test_view_token_may_watch(pipeline: Pipeline) -> None:
-    result = asyncio.run(watch(url(pipeline), "dev-0", frames=5, token=VIEW))
+    result = asyncio.run(watch(base_url(pipeline), "dev-0", frames=5, token=VIEW))
     assert len(result.frames) == 5
     with pytest.raises(SignallingError) as info:
-        asyncio.run(watch(url(pipeline), "dev-0", frames=1, token="nope-nope-nope"))
+        asyncio.run(watch(base_url(pipeline), "dev-0", frames=1, token="nope-nope-nope"))
     assert info.value.status == 401
 
 
 def test_a_vanished_viewer_is_closed_after_the_idle_timeout(pipeline: Pipeline) -> None:
     async def scenario() -> None:
-        v = Viewer(url(pipeline), "dev-1", token=TOKEN)
+        v = Viewer(base_url(pipeline), "dev-1", token=TOKEN)
         await v.connect()
         assert await v.next_frame(10) is not None
         await v.vanish()
@@ -291,7 +286,7 @@ def test_a_vanished_viewer_is_closed_after_the_idle_timeout(pipeline: Pipeline) 
 
 def test_a_session_that_never_connects_is_closed(pipeline: Pipeline) -> None:
     async def scenario() -> None:
-        v = Viewer(url(pipeline), "dev-1", token=TOKEN)
+        v = Viewer(base_url(pipeline), "dev-1", token=TOKEN)
         await v.connect()
         await v.pc.close()  # before ICE could complete: the server never hears from it
 
@@ -309,12 +304,12 @@ SLACK = {"threads": 3, "fds": 3}
 
 
 def test_200_connect_disconnect_cycles_return_to_baseline(pipeline: Pipeline) -> None:
-    asyncio.run(watch(url(pipeline), "dev-0", frames=3, token=TOKEN))
+    asyncio.run(watch(base_url(pipeline), "dev-0", frames=3, token=TOKEN))
     wait_for(lambda: resources(pipeline)["peer_connections"] == 0, 15, "warm-up closed")
     baseline = resources(pipeline)
 
     async def cycle(i: int) -> None:
-        v = Viewer(url(pipeline), "dev-0", token=TOKEN)
+        v = Viewer(base_url(pipeline), "dev-0", token=TOKEN)
         await v.connect()
         got = await v.next_frame(10)
         assert got is not None

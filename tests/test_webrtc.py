@@ -99,7 +99,8 @@ def test_health_devices_and_stats(pipeline: PipelineInfo) -> None:
         "hwaccel",
     ):
         assert key in dev, key
-    assert dev["frames_captured"] >= dev["frames_encoded"] > 0
+    # Capture and encoder are asked one after the other: allow the frames in flight.
+    assert dev["frames_captured"] + 2 >= dev["frames_encoded"] > 0
     assert "encoder-0" in stats["encoders"]
     assert stats["encoders"]["encoder-0"]["streams"]["dev-0"]["frames_encoded"] > 0
 
