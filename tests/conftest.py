@@ -49,6 +49,20 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
+def head_node_id() -> str:
+    """The head node's id in a `ray.cluster_utils.Cluster` (every node has one IP there,
+    so the driver may be attached to any of them)."""
+    import ray
+
+    return str(
+        next(
+            n["NodeID"]
+            for n in ray.nodes()
+            if n["Alive"] and "node:__internal_head__" in n["Resources"]
+        )
+    )
+
+
 def base_url(pipeline: Any) -> str:
     """The viewer URL of a started pipeline."""
     assert pipeline.info is not None

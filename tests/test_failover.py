@@ -20,7 +20,7 @@ from actors.stamp import stamp_age_ms
 from cluster.pipeline import Pipeline
 from configs.schema import Settings
 from ingress.client import WatchResult, watch
-from tests.conftest import wait_for
+from tests.conftest import head_node_id, wait_for
 
 RESUME_LIMIT_MS = 1000
 
@@ -46,7 +46,7 @@ def env() -> Iterator[dict[str, Any]]:
             "ingress": {"port": 0},
         }
     )
-    pipeline = Pipeline(settings, node_id=_head_id())
+    pipeline = Pipeline(settings, node_id=head_node_id())
     try:
         pipeline.start()
         yield {"cluster": c, "nodes": nodes, "pipeline": pipeline}
@@ -124,12 +124,3 @@ def test_removed_node_fails_over_within_a_second(env: dict[str, Any]) -> None:
     after = assignment(pipeline, "f-0")
     assert after["node_id"] != node.node_id
     print(f"\nnode removed: {before['encoder']} -> {after['encoder']}, largest gap {gap} ms")
-
-
-def _head_id() -> str:
-    """The head node's id: the driver may be attached to any node of this one-IP cluster."""
-    return next(
-        n["NodeID"]
-        for n in ray.nodes()
-        if n["Alive"] and "node:__internal_head__" in n["Resources"]
-    )

@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 
 from cluster.pipeline import Pipeline
 from configs.schema import Settings
-from tests.conftest import wait_for
+from tests.conftest import head_node_id, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def pool_stats(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def test_placement_follows_resources_and_locality(cluster: dict[str, Any]) -> None:
-    pipeline = Pipeline(pool_settings(), node_id=_head_id())
+    pipeline = Pipeline(pool_settings(), node_id=head_node_id())
     try:
         pipeline.start()
 
@@ -129,12 +129,3 @@ def _devices(pipeline: Pipeline) -> list[dict[str, Any]]:
     assert pipeline.info is not None
     with urllib.request.urlopen(pipeline.info.url + "api/devices", timeout=10) as r:
         return list(json.loads(r.read()))
-
-
-def _head_id() -> str:
-    """The head node's id: the driver may be attached to any node of this one-IP cluster."""
-    return next(
-        n["NodeID"]
-        for n in ray.nodes()
-        if n["Alive"] and "node:__internal_head__" in n["Resources"]
-    )
