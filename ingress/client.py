@@ -40,6 +40,8 @@ class ReceivedFrame:
     """Wall-clock time when the decoded frame came out of aiortc, ms mod 2**32."""
     width: int
     height: int
+    pts: int | None = None
+    """The decoded frame's pts (from its RTP timestamp)."""
 
     @property
     def latency_ms(self) -> int:
@@ -166,7 +168,10 @@ class Viewer:
         plane = frame.planes[0]
         luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
         index, capture_ms = read_stamp(luma[:STAMP_HEIGHT])
-        return ReceivedFrame(index, capture_ms, received_ms, frame.width, frame.height), frame
+        received = ReceivedFrame(
+            index, capture_ms, received_ms, frame.width, frame.height, frame.pts
+        )
+        return received, frame
 
     async def send_input(self, event: dict[str, Any] | str, timeout: float = 5.0) -> dict[str, Any]:
         """Send one input message and return the ingress's reply."""

@@ -79,11 +79,18 @@ def check_resumed(result: WatchResult) -> int:
     assert len(indices) >= 120, f"decoded only {len(indices)} frames"
     breaks = [(a, b) for a, b in zip(indices, indices[1:], strict=False) if b < a]
     assert not breaks, f"order broken at {breaks} in {indices}"
-    # A frame decoded twice around the switch has been seen once in several runs (the
-    # receiver's jitter buffer re-emitting a frame after a retransmission); it is not
-    # a step back, and more than that would be.
-    repeats = [a for a, b in zip(indices, indices[1:], strict=False) if b == a]
-    assert len(repeats) <= 1, f"frames decoded twice: {repeats}"
+    # About one run in three shows one stamp decoded twice, in two consecutive RTP
+    # frames (pts one frame apart) with distinct capture indices at the ingress: two
+    # sent pictures show the same stamp. Not yet explained (see the session note); it is
+    # not a step back, and more than one would fail.
+    repeats = [
+        (a.index, a.pts, b.pts)
+        for a, b in zip(result.frames, result.frames[1:], strict=False)
+        if b.index == a.index
+    ]
+    if repeats:
+        print(f"\nframe decoded twice (index, pts, pts): {repeats}")
+    assert len(repeats) <= 1, f"frames decoded twice (index, pts, pts): {repeats}"
     assert result.decode_errors == 0
     gaps = [
         stamp_age_ms(a.capture_ms, b.capture_ms)
