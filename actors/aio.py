@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -14,3 +18,13 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def every(interval_s: float, step: Callable[[], Awaitable[Any]], what: str) -> None:
+    """Run `step` every `interval_s` until cancelled; a failing step is logged, not fatal."""
+    while True:
+        try:
+            await step()
+        except Exception:
+            logger.exception("%s failed; continuing", what)
+        await asyncio.sleep(interval_s)

@@ -53,9 +53,6 @@ class CaptureWorker:
         self.device = device
         self.max_in_flight = max_in_flight
         self.feed = make_feed(device)
-        self.passthrough = (
-            isinstance(device.source, AdbScreenrecordSource) and device.source.mode == "passthrough"
-        )
         self._forward: Callable[[EncodedFrame], Any] | None = None
         self._status = "idle"
         self.offline_reason: str | None = None
@@ -182,7 +179,7 @@ class CaptureWorker:
             # captured. Count them so a starved capture actor is visible.
             self._drop("capture_late", late - self._late_seen)
             self._late_seen = late
-        if isinstance(item, EncodedFrame) and self.passthrough:
+        if isinstance(item, EncodedFrame) and self.device.passthrough:
             # The device's H.264 goes to the viewers as is: it is never dropped here
             # (a missing unit would break decoding until the next IDR).
             if self._forward is None:

@@ -330,13 +330,12 @@ class EncoderWorker:
         units: list[tuple[bytes, bool, float]],
     ) -> int:
         backend = self.detection.backend
-        for _payload, _keyframe, encode_ms in units:
-            metrics.inc("frames_encoded", device=device_id, encoder=self.name, hwaccel=backend)
-            metrics.observe("encode_latency_ms", encode_ms, device=device_id, hwaccel=backend)
-        if self._sink is None:
-            return 0
         now = time.time() * 1000
         for payload, keyframe, encode_ms in units:
+            metrics.inc("frames_encoded", device=device_id, encoder=self.name, hwaccel=backend)
+            metrics.observe("encode_latency_ms", encode_ms, device=device_id, hwaccel=backend)
+            if self._sink is None:
+                continue
             self._sink(
                 EncodedUnit(
                     device_id=device_id,
@@ -349,7 +348,7 @@ class EncoderWorker:
                     encoder=self.name,
                 )
             )
-        return len(units)
+        return len(units) if self._sink is not None else 0
 
     def resources(self) -> dict[str, int]:
         return {**process_resources(), "streams": len(self._streams)}

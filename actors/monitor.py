@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from actors import metrics
-from actors.aio import cancel_and_wait
+from actors.aio import cancel_and_wait, every
 from configs.schema import MonitorConfig
 
 logger = logging.getLogger(__name__)
@@ -78,12 +78,7 @@ class LeakMonitor:
         await cancel_and_wait(task)
 
     async def _run(self) -> None:
-        while True:
-            try:
-                await self.sample_once()
-            except Exception:
-                logger.exception("leak monitor sample failed; continuing")
-            await asyncio.sleep(self.config.interval_s)
+        await every(self.config.interval_s, self.sample_once, "leak monitor sample")
 
     async def sample_once(self) -> dict[str, Any]:
         """Take one sample, compare it with the baselines, return it."""

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.aio import cancel_and_wait
+from actors.aio import cancel_and_wait, every
 from configs.schema import DeviceConfig, EncoderConfig, PoolConfig
 
 logger = logging.getLogger(__name__)
@@ -166,15 +166,13 @@ class EncoderPool:
         await cancel_and_wait(task)
 
     async def _run(self) -> None:
-        while True:
-            try:
-                await self._poll_starting()
-                self._maintain()
-                await self._place_pending()
-                self._publish()
-            except Exception:
-                logger.exception("pool control loop failed; continuing")
-            await asyncio.sleep(TICK_S)
+        await every(TICK_S, self._tick, "pool control loop")
+
+    async def _tick(self) -> None:
+        await self._poll_starting()
+        self._maintain()
+        await self._place_pending()
+        self._publish()
 
     # -- encoders ---------------------------------------------------------------------
 

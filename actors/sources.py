@@ -110,13 +110,12 @@ class Adb:
         self.serial = serial
         self.children: set[asyncio.subprocess.Process] = set()
 
-    def args(self, *rest: str) -> list[str]:
-        return [self.adb_path, "-s", self.serial, *rest]
-
-    async def spawn(self, *rest: str) -> asyncio.subprocess.Process:
+    async def spawn(self, *rest: str, serial: bool = True) -> asyncio.subprocess.Process:
+        """Start `adb [-s SERIAL] REST...`; the caller reaps it (or `close` does)."""
+        argv = [self.adb_path, *(["-s", self.serial] if serial else []), *rest]
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.args(*rest),
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -126,45 +125,37 @@ class Adb:
         self.children.add(proc)
         return proc
 
-    async def run(self, *rest: str, timeout: float = ADB_TIMEOUT_S) -> bytes:
-        """Run one adb command to its end; its stdout, or SourceOffline with its stderr."""
-        proc = await self.spawn(*rest)
+    async def _complete(
+        self, *rest: str, serial: bool = True, timeout: float = ADB_TIMEOUT_S
+    ) -> tuple[int | None, bytes, bytes]:
+        """Run one adb command to its end, reaped whatever happens: (exit, stdout, stderr)."""
+        proc = await self.spawn(*rest, serial=serial)
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError as exc:
             raise SourceOffline(f"adb {' '.join(rest)} did not answer in {timeout:g} s") from exc
         finally:
             await self.reap(proc)
-        if proc.returncode != 0:
-            raise SourceOffline(_first_line(err) or f"adb exited with {proc.returncode}")
+        return proc.returncode, out, err
+
+    async def run(self, *rest: str, timeout: float = ADB_TIMEOUT_S) -> bytes:
+        """Run one adb command on the device; its stdout, or SourceOffline with its stderr."""
+        code, out, err = await self._complete(*rest, timeout=timeout)
+        if code != 0:
+            raise SourceOffline(_first_line(err) or f"adb exited with {code}")
         if err.strip():
             logger.info("adb %s: %s", self.serial, _first_line(err))
         return out
 
     async def connect_if_network(self) -> None:
         """`adb connect host:port` for a network device (idempotent on adb's side)."""
-        if ":" in self.serial:
-            proc = await self.spawn_plain("connect", self.serial)
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), ADB_TIMEOUT_S)
-            except TimeoutError as exc:
-                raise SourceOffline(f"adb connect {self.serial} did not answer") from exc
-            finally:
-                await self.reap(proc)
-            text = (out + err).decode(errors="replace").strip()
-            if proc.returncode != 0 or "cannot" in text or "failed" in text:
-                raise SourceOffline(f"adb connect {self.serial}: {text}")
-
-    async def spawn_plain(self, *rest: str) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            self.adb_path,
-            *rest,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        self.children.add(proc)
-        return proc
+        if ":" not in self.serial:
+            return
+        code, out, err = await self._complete("connect", self.serial, serial=False)
+        text = (out + err).decode(errors="replace").strip()
+        # adb connect exits 0 on some failures: its words tell.
+        if code != 0 or "cannot" in text or "failed" in text:
+            raise SourceOffline(f"adb connect {self.serial}: {text}")
 
     async def reap(self, proc: asyncio.subprocess.Process) -> None:
         """Terminate (then kill) and wait, within REAP_TIMEOUT_S; log its stderr."""

@@ -18,7 +18,7 @@ from actors.capture import create_capture_actor
 from actors.monitor import create_monitor_actor
 from actors.pool import create_pool_actor
 from configs.schema import Settings
-from ingress.actor import _is_passthrough, create_ingress_actor
+from ingress.actor import create_ingress_actor
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Pipeline:
             self.captures[device.id] = capture
             _get(self.ingress.add_device.remote(device, capture=capture), f"capture:{device.id}")
             _get(capture.report_status_to.remote(self.ingress), f"capture:{device.id}")
-            if _is_passthrough(device):
+            if device.passthrough:
                 # The device's own H.264 goes to the ingress; no encoder is used.
                 _get(capture.set_ingress.remote(self.ingress), f"capture:{device.id}")
                 info = {"name": "passthrough", "node": None, "hwaccel": "device"}

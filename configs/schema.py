@@ -107,6 +107,12 @@ class DeviceConfig(_Section):
         "that reaches the device (e.g. {rack-3: 0.01}); default: the driver's node.",
     )
 
+    @property
+    def passthrough(self) -> bool:
+        """The device's own H.264 goes to the viewers as is (no encoder actor)."""
+        source = self.source
+        return isinstance(source, AdbScreenrecordSource) and source.mode == "passthrough"
+
 
 class EncoderConfig(_Section):
     """How every stream is encoded."""

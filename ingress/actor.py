@@ -44,7 +44,7 @@ class IngressActor:
             ),
             capture_stats=lambda: capture.stats.remote(),
             input_sink=lambda event: capture.handle_input.remote(event),
-            cache_gop=_is_passthrough(device),
+            cache_gop=device.passthrough,
         )
 
     async def set_encoder(self, device_id: str, encoder: Any, info: dict[str, Any] | None) -> None:
@@ -84,8 +84,3 @@ def create_ingress_actor(config: IngressConfig, *, scheduling_strategy: Any = No
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
     return ray.remote(IngressActor).options(**options).remote(config=config)
-
-
-def _is_passthrough(device: DeviceConfig) -> bool:
-    source = device.source
-    return source.kind == "adb-screenrecord" and getattr(source, "mode", "") == "passthrough"
