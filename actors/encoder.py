@@ -38,8 +38,11 @@ PUSH_BUDGET_MS = 100
 MAX_PENDING_PUSHES = 60
 #: Acknowledgements are checked once this many pushes are outstanding.
 REAP_PUSHES_AT = 16
-#: At most one bitrate change per this many seconds (each one costs an IDR).
+#: At most one encoder reopen for a bitrate change per this many seconds (each costs an
+#: IDR); libx264 changes under its VBV ceiling are made in place, without one.
 BITRATE_MIN_INTERVAL_S = 1.0
+#: libx264 follows a target this many times under its VBV ceiling in place (no IDR).
+IN_PLACE_BAND = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class StreamStats:
     bytes_out: int = 0
     keyframes: int = 0
     bitrate_changes: int = 0
+    bitrate_reopens: int = 0
+    """Bitrate changes that needed a new encoder (and so an IDR)."""
     dropped: dict[str, int] = field(default_factory=dict)
     encode_ms: deque[float] = field(default_factory=lambda: deque(maxlen=300))
 
@@ -96,6 +101,8 @@ class StreamEncoder:
         self.stats = StreamStats()
         self._keyframe_requested = False
         self.bitrate_bps = config.clamp_bitrate(bitrate_bps or config.bitrate_bps)
+        self.ceiling_bps = self.bitrate_bps
+        """The rate libx264's VBV was opened for: the most the stream may peak at."""
         self._ctx = self._open(self.bitrate_bps)
         self._pending_bitrate: int | None = None
         self._reconfigured_at = 0.0
@@ -106,22 +113,38 @@ class StreamEncoder:
         config = self.config.model_copy(update={"bitrate_bps": bitrate_bps})
         device = self.device
         return open_context(
-            self.backend, config, width=device.width, height=device.height, fps=device.fps
+            self.backend,
+            config,
+            width=device.width,
+            height=device.height,
+            fps=device.fps,
+            ceiling_bps=self.ceiling_bps,
         )
 
     def set_bitrate(self, bps: int) -> int:
         """Ask for a new target bitrate (clamped to the configured range); return it.
 
-        libx264 behind PyAV ignores a bit_rate changed after open, so the change is made
-        by opening a new encoder at the next frame, which starts with SPS/PPS and an IDR.
-        Changes under 10 % are ignored and changes are at most one per
-        BITRATE_MIN_INTERVAL_S, so a stream of REMB estimates costs few keyframes.
+        libx264 changes in place, at the next frame and without an IDR, while the target
+        stays within IN_PLACE_BAND of the rate its VBV was opened for (`ceiling_bps`):
+        x264's rate control follows the new average, and the VBV ceiling bounds the peaks.
+        Further away, and for the hardware backends, the change opens a new encoder at the
+        next frame (SPS/PPS and an IDR), at most once per BITRATE_MIN_INTERVAL_S: lowered,
+        its ceiling is the target, so the VBV enforces it; raised, the ceiling has room for
+        the estimate to keep rising in place. Changes under 10 % are ignored.
         """
         target = self.config.clamp_bitrate(bps)
-        if abs(target - self.bitrate_bps) >= 0.1 * self.bitrate_bps:
-            self._pending_bitrate = target
-        else:
+        if abs(target - self.bitrate_bps) < 0.1 * self.bitrate_bps:
             self._pending_bitrate = None
+        elif self.backend == "libx264" and self.ceiling_bps / IN_PLACE_BAND <= target <= (
+            self.ceiling_bps
+        ):
+            self._pending_bitrate = None
+            self._ctx.bit_rate = target  # FFmpeg reconfigures x264 at the next frame
+            self.bitrate_bps = target
+            self.stats.bitrate_changes += 1
+            logger.info("%s: bitrate now %d bps (in place)", self.device.id, target)
+        else:
+            self._pending_bitrate = target
         return target
 
     def _apply_bitrate(self) -> None:
@@ -129,15 +152,20 @@ class StreamEncoder:
         if target is None or time.monotonic() - self._reconfigured_at < BITRATE_MIN_INTERVAL_S:
             return
         self._pending_bitrate = None
+        raised = target > self.bitrate_bps
+        self.ceiling_bps = (
+            min(self.config.max_bitrate_bps, int(target * IN_PLACE_BAND)) if raised else target
+        )
         old, self._ctx = self._ctx, self._open(target)
         self._reconfigured_at = time.monotonic()
         self.bitrate_bps = target
         self.stats.bitrate_changes += 1
+        self.stats.bitrate_reopens += 1
         try:
             old.encode(None)
         except av.FFmpegError:
             logger.debug("flushing the replaced encoder failed", exc_info=True)
-        logger.info("%s: bitrate now %d bps", self.device.id, target)
+        logger.info("%s: bitrate now %d bps (new encoder, IDR)", self.device.id, target)
 
     def request_keyframe(self) -> None:
         """The next frame becomes an IDR (with SPS/PPS in front)."""
@@ -361,6 +389,7 @@ class EncoderWorker:
             streams[device_id] = {
                 "bitrate_bps": stream.bitrate_bps,
                 "bitrate_changes": s.bitrate_changes,
+                "bitrate_reopens": s.bitrate_reopens,
                 "frames_in": s.frames_in,
                 "frames_encoded": s.frames_encoded,
                 "keyframes": s.keyframes,

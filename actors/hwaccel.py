@@ -45,20 +45,32 @@ class Detection:
     """Why each backend tried before it failed."""
 
 
-def codec_options(backend: str, config: EncoderConfig, fps: int) -> dict[str, str]:
-    """Low-latency options for `backend`: no B-frames, fixed GOP, VBV sized to the bitrate."""
+def codec_options(
+    backend: str, config: EncoderConfig, fps: int, ceiling_bps: int | None = None
+) -> dict[str, str]:
+    """Low-latency options for `backend`: no B-frames, fixed GOP, VBV sized to the bitrate.
+
+    `ceiling_bps` (default: the bitrate) is libx264's VBV maximum rate. The target
+    bitrate can later move below it without reopening the encoder (see
+    `StreamEncoder.set_bitrate`): FFmpeg reconfigures x264 when the context's bit_rate
+    changes, provided the VBV is set through the generic `maxrate` and `bufsize` options
+    (a vbv-maxrate in x264-params is reset to 0 at the first frame, and x264 then
+    refuses every later rate change).
+    """
     gop = str(config.keyframe_interval)
     if backend == "libx264":
-        kbps = config.bitrate_bps // 1000
+        kbps = max(config.bitrate_bps, ceiling_bps or 0) // 1000
         # A VBV of a few frames' worth keeps keyframes small (DESIGN decision 8: under
         # about 128 RTP packets) and the rate steady; repeat-headers puts SPS/PPS before
         # every IDR so any IDR starts a new viewer.
         vbv = max(kbps // max(fps, 1) * 8, 100)
         params = (
             f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:repeat-headers=1:"
-            f"annexb=1:vbv-maxrate={kbps}:vbv-bufsize={vbv}:force-cfr=1"
+            f"annexb=1:force-cfr=1"
         )
         return {
+            "maxrate": f"{kbps}k",
+            "bufsize": f"{vbv}k",
             "preset": config.preset,
             "tune": "zerolatency",
             "profile": "baseline",
@@ -94,7 +106,13 @@ def codec_options(backend: str, config: EncoderConfig, fps: int) -> dict[str, st
 
 
 def open_context(
-    backend: str, config: EncoderConfig, *, width: int, height: int, fps: int
+    backend: str,
+    config: EncoderConfig,
+    *,
+    width: int,
+    height: int,
+    fps: int,
+    ceiling_bps: int | None = None,
 ) -> VideoCodecContext:
     """Open an encoder context for one stream (raises EncoderUnavailable)."""
     name = BACKENDS[backend]
@@ -108,7 +126,7 @@ def open_context(
         ctx.bit_rate = config.bitrate_bps
         ctx.gop_size = config.keyframe_interval
         ctx.max_b_frames = 0
-        ctx.options = codec_options(backend, config, fps)
+        ctx.options = codec_options(backend, config, fps, ceiling_bps)
         ctx.open()
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise EncoderUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc

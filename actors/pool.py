@@ -392,12 +392,14 @@ class EncoderPool:
         await slot.handle.request_keyframe.remote(device_id)
         return True
 
-    async def set_bitrate(self, device_id: str, bps: int) -> int | None:
-        """Clamp `bps` to the configured range and apply it to the stream's encoder."""
+    async def set_bitrate(self, device_id: str, bps: int | None) -> int | None:
+        """Clamp `bps` to the configured range and apply it to the stream's encoder;
+        None returns the stream to the configured bitrate."""
         stream = self.streams.get(device_id)
         if stream is None:
             return None
-        stream.bitrate_bps = self.encoder_config.clamp_bitrate(bps)
+        config = self.encoder_config
+        stream.bitrate_bps = config.bitrate_bps if bps is None else config.clamp_bitrate(bps)
         slot = self.encoders.get(stream.encoder or "")
         if slot is not None and slot.state == "ready":
             await slot.handle.set_bitrate.remote(device_id, stream.bitrate_bps)

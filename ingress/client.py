@@ -98,14 +98,27 @@ class SignallingError(RuntimeError):
         self.error = error
 
 
+#: The RTP header extension aiortc's receiver needs to estimate bandwidth (REMB).
+ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
 class Viewer:
     """One WebRTC viewer of one device: connect, read decoded frames, send input."""
 
     def __init__(
-        self, base_url: str, device_id: str, *, token: str | None = None, input: bool = False
+        self,
+        base_url: str,
+        device_id: str,
+        *,
+        token: str | None = None,
+        input: bool = False,
+        remb: bool = True,
     ) -> None:
+        """`remb=False` leaves abs-send-time out of the offer: aiortc then sends no
+        bandwidth estimate, so this viewer does not steer the encoder's bitrate."""
         self.base_url = base_url
         self.device_id = device_id
+        self.remb = remb
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.want_input = input
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -141,7 +154,12 @@ class Viewer:
             self._opened = opened
         await self.pc.setLocalDescription(await self.pc.createOffer())
         sent = time.monotonic()
-        offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        sdp = self.pc.localDescription.sdp
+        if not self.remb:
+            sdp = "".join(
+                line for line in sdp.splitlines(keepends=True) if ABS_SEND_TIME not in line
+            )
+        offer = {"sdp": sdp, "type": "offer"}
         path = f"/api/devices/{self.device_id}/sessions"
         async with (
             aiohttp.ClientSession(

@@ -120,7 +120,7 @@ class DeviceHub:
         self.encoder_name: str | None = None
         self.queue_size = queue_size
         self._request_keyframe = request_keyframe
-        self._set_bitrate: Callable[[int], Any] | None = None
+        self._set_bitrate: Callable[[int | None], Any] | None = None
         self.bitrate_requested: int | None = None
         self._bitrate_at = 0.0
         self.feeds: set[ViewerFeed] = set()
@@ -151,23 +151,32 @@ class DeviceHub:
     def set_keyframe_requester(self, request_keyframe: Callable[[], Any] | None) -> None:
         self._request_keyframe = request_keyframe
 
-    def set_bitrate_setter(self, set_bitrate: Callable[[int], Any] | None) -> None:
+    def set_bitrate_setter(self, set_bitrate: Callable[[int | None], Any] | None) -> None:
         self._set_bitrate = set_bitrate
 
     def report_estimate(self, feed: ViewerFeed, bps: int) -> None:
         """A viewer's REMB: the encoder follows the lowest estimate of all viewers."""
         feed.estimate_bps = bps
-        estimates = [f.estimate_bps for f in self.feeds if f.estimate_bps]
-        if not estimates or self._set_bitrate is None:
+        self._follow_estimates(at_once=False)
+
+    def _follow_estimates(self, *, at_once: bool) -> None:
+        """Set the encoder to the lowest estimate of the viewers here, or back to the
+        configured bitrate (None) when no viewer has sent one: a viewer on a slow link
+        that leaves no longer holds the others down. Estimates move the bitrate at most
+        once per BITRATE_EVERY_S; a viewer leaving moves it at once."""
+        if self._set_bitrate is None:
             return
-        lowest = min(estimates)
+        estimates = [f.estimate_bps for f in self.feeds if f.estimate_bps]
+        target = min(estimates) if estimates else None
         now = time.monotonic()
-        if lowest == self.bitrate_requested or now - self._bitrate_at < BITRATE_EVERY_S:
+        if target == self.bitrate_requested or (
+            not at_once and now - self._bitrate_at < BITRATE_EVERY_S
+        ):
             return
         self._bitrate_at = now
-        self.bitrate_requested = lowest
+        self.bitrate_requested = target
         try:
-            self._set_bitrate(lowest)
+            self._set_bitrate(target)
         except Exception:
             logger.exception("%s: setting the bitrate failed", self.device_id)
 
@@ -287,6 +296,8 @@ class DeviceHub:
     def remove_viewer(self, feed: ViewerFeed) -> None:
         feed.close()
         self.feeds.discard(feed)
+        if feed.estimate_bps is not None:
+            self._follow_estimates(at_once=True)
 
     def record_sent(self, unit: OutgoingUnit) -> None:
         """A viewer's sender took `unit` (the packet handed to WebRTC)."""

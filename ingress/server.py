@@ -80,7 +80,7 @@ class IngressServer:
         device: DeviceConfig,
         *,
         request_keyframe: Callable[[], Any] | None = None,
-        set_bitrate: Callable[[int], Any] | None = None,
+        set_bitrate: Callable[[int | None], Any] | None = None,
         capture_stats: StatsSource | None = None,
         input_sink: Callable[[dict[str, Any]], Any] | None = None,
         cache_gop: bool = False,

@@ -80,9 +80,10 @@ def check_resumed(result: WatchResult) -> int:
     breaks = [(a, b) for a, b in zip(indices, indices[1:], strict=False) if b < a]
     assert not breaks, f"order broken at {breaks} in {indices}"
     # About one run in three shows one stamp decoded twice, in two consecutive RTP
-    # frames (pts one frame apart) with distinct capture indices at the ingress: two
-    # sent pictures show the same stamp. Not yet explained (see the session note); it is
-    # not a step back, and more than one would fail.
+    # frames: the new encoder's first IDR drains its VBV (at the low bitrate the
+    # viewer's REMB asked for), so x264 codes the next frame as all-skip (a unit of a
+    # dozen bytes), which decodes as the picture before. Not a step back; more than one
+    # would be something else, and fails.
     repeats = [
         (a.index, a.pts, b.pts)
         for a, b in zip(result.frames, result.frames[1:], strict=False)

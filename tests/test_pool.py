@@ -3,15 +3,18 @@ keyframe and bitrate controls reaching the right encoder (seen in what it produc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 
+from actors.encoder import StreamEncoder
 from actors.hwaccel import EncoderUnavailable, detect
 from cluster.pipeline import Pipeline, PipelineError
-from configs.schema import EncoderConfig
+from configs.schema import DeviceConfig, EncoderConfig
 from tests.conftest import settings, wait_for
 
 
@@ -92,14 +95,56 @@ def test_bitrate_change_is_clamped_and_seen_in_the_output(pipeline: Pipeline) ->
             end["frames_encoded"] - start["frames_encoded"]
         )
 
+    def wait_for_reopens(n: int) -> dict[str, Any]:
+        wait_for(lambda: stream_stats(pipeline, "dev-1")["bitrate_reopens"] == n, 10, f"reopen {n}")
+        return stream_stats(pipeline, "dev-1")
+
     # Skip the first keyframe's weight, then measure dev-1 at the default bitrate.
     bytes_per_frame("dev-1", 10)
     high = bytes_per_frame("dev-1")
+    before = stream_stats(pipeline, "dev-1")
+    # Far below the rate it was opened for: a new encoder at the new rate, from an IDR.
     assert ray.get(pipeline.pool.set_bitrate.remote("dev-1", 10)) == 100_000  # clamped
-    wait_for(lambda: stream_stats(pipeline, "dev-1")["bitrate_changes"] == 1, 10, "the new bitrate")
+    lowered = wait_for_reopens(1)
     bytes_per_frame("dev-1", 15)  # past the IDR that starts the new rate
     low = bytes_per_frame("dev-1")
-    assert stream_stats(pipeline, "dev-1")["bitrate_bps"] == 100_000
+    assert lowered["bitrate_bps"] == 100_000
+    assert lowered["keyframes"] > before["keyframes"], (before, lowered)
     assert low < 0.7 * high, (high, low)
     assert stream_stats(pipeline, "dev-0")["bitrate_changes"] == 0
-    assert ray.get(pipeline.pool.set_bitrate.remote("dev-1", 10**9)) == 8_000_000
+    # Above it: a new encoder again, with room to rise further in place.
+    assert ray.get(pipeline.pool.set_bitrate.remote("dev-1", 180_000)) == 180_000
+    raised = wait_for_reopens(2)
+    # Within twice its VBV ceiling: in place, no new encoder and no IDR (beyond the GOP's
+    # own, one per 600 frames).
+    assert ray.get(pipeline.pool.set_bitrate.remote("dev-1", 300_000)) == 300_000
+    wait_for(lambda: stream_stats(pipeline, "dev-1")["bitrate_bps"] == 300_000, 10, "300 kbps")
+    bytes_per_frame("dev-1", 30)
+    in_place = stream_stats(pipeline, "dev-1")
+    periodic = in_place["frames_in"] // 600 - raised["frames_in"] // 600
+    assert in_place["bitrate_reopens"] == 2, in_place
+    assert in_place["keyframes"] == raised["keyframes"] + periodic, (raised, in_place)
+    assert ray.get(pipeline.pool.set_bitrate.remote("dev-1", 10**9)) == 8_000_000  # clamped
+    assert wait_for_reopens(3)["bitrate_bps"] == 8_000_000
+
+
+def test_libx264_follows_a_lower_target_in_place() -> None:
+    """Without Ray: content that needs more than the target gets less, with no new IDR."""
+    device = DeviceConfig(id="noise", width=320, height=240, fps=30)
+    config = EncoderConfig(bitrate_bps=2_000_000, keyframe_interval=600)
+    stream = StreamEncoder(device, config, "libx264")
+    noise = np.random.default_rng(0).integers(0, 256, (360, 320), dtype=np.uint8)
+
+    def kbps(frames: int) -> float:
+        start = stream.stats.bytes_out
+        for i in range(frames):
+            stream.encode(np.roll(noise, 3 * i, axis=1), time.time() * 1000)
+        return (stream.stats.bytes_out - start) * 8 * 30 / frames / 1000
+
+    kbps(30)
+    high = kbps(60)
+    assert stream.set_bitrate(1_200_000) == 1_200_000
+    kbps(30)
+    low = kbps(60)
+    assert stream.stats.bitrate_reopens == 0 and stream.stats.keyframes == 1
+    assert low < 0.75 * high and 900 < low < 1500, (high, low)
