@@ -41,6 +41,8 @@ REAP_PUSHES_AT = 16
 #: At most one encoder reopen for a bitrate change per this many seconds (each costs an
 #: IDR); libx264 changes under its VBV ceiling are made in place, without one.
 BITRATE_MIN_INTERVAL_S = 1.0
+#: The encoder actor's concurrency group for the pool's pings.
+CONTROL_GROUP = "control"
 #: libx264 follows a target this many times under its VBV ceiling in place (no IDR).
 IN_PLACE_BAND = 2.0
 
@@ -264,6 +266,7 @@ class EncoderWorker:
         self._streams: dict[str, StreamEncoder] = {}
         self.node = node_address()
         self.node_id = node_id()
+        self._busy_since: float | None = None
 
     def set_sink(self, sink: Sink) -> None:
         self._sink = sink
@@ -290,8 +293,11 @@ class EncoderWorker:
         return self.info()
 
     def ping(self) -> dict[str, Any]:
-        """Liveness check of the pool; answers after the frames queued before it."""
-        return self.info()
+        """Liveness check of the pool. The actor answers it on its own `control` thread,
+        not behind the frames queued for the encoding thread: a slow encoder is not a dead
+        one. `busy_s` is how long the encoding thread has been inside its current call."""
+        since = self._busy_since
+        return {"name": self.name, "busy_s": 0.0 if since is None else time.monotonic() - since}
 
     def set_bitrate(self, device_id: str, bps: int) -> int | None:
         """Set a stream's target bitrate (clamped); return the value applied, or None."""
@@ -325,9 +331,12 @@ class EncoderWorker:
         stream = self._stream(device_id, capture_ms)
         if stream is None:
             return 0
-        return self._send(
-            stream, device_id, index, capture_ms, stream.encode(data, capture_ms, pix_fmt)
-        )
+        self._busy_since = time.monotonic()
+        try:
+            units = stream.encode(data, capture_ms, pix_fmt)
+        finally:
+            self._busy_since = None
+        return self._send(stream, device_id, index, capture_ms, units)
 
     def encode_packet(self, device_id: str, data: bytes, index: int, capture_ms: float) -> int:
         """Transcode access unit `index` of a device's own H.264 (never dropped as stale:
@@ -335,9 +344,12 @@ class EncoderWorker:
         stream = self._streams.get(device_id)
         if stream is None:
             raise KeyError(f"stream {device_id!r} is not open on {self.name}")
-        return self._send(
-            stream, device_id, index, capture_ms, stream.encode_packet(data, capture_ms)
-        )
+        self._busy_since = time.monotonic()
+        try:
+            units = stream.encode_packet(data, capture_ms)
+        finally:
+            self._busy_since = None
+        return self._send(stream, device_id, index, capture_ms, units)
 
     def _stream(self, device_id: str, capture_ms: float) -> StreamEncoder | None:
         stream = self._streams.get(device_id)
@@ -457,6 +469,8 @@ def create_encoder_actor(
     }
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
-    return (
-        ray.remote(EncoderActor).options(**options).remote(name=f"encoder-{index}", encoder=encoder)
-    )
+    # Frames are encoded one at a time on the default thread; `control` answers pings
+    # beside it (see EncoderWorker.ping).
+    # (Ray takes concurrency_groups in ray.remote only; its stubs do not list it.)
+    actor = ray.remote(concurrency_groups={CONTROL_GROUP: 1})(EncoderActor)  # type: ignore[call-overload]
+    return actor.options(**options).remote(name=f"encoder-{index}", encoder=encoder)

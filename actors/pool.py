@@ -15,10 +15,11 @@ the same loop, so the pool's state needs no locks. The rules (DESIGN decisions 1
   the pool starts one there (soft node affinity) if it may start one; only then does it
   use capacity on another node, and the capture actor counts the raw bytes that cross.
 - **Failover.** A capture actor reports an encoder whose calls fail or hang; the pool
-  pings it, and if it does not answer it is killed and its streams are placed again at
-  once, on capacity anywhere (an encoder start takes seconds; failover should not). The
-  new encoder's first frame is an IDR with SPS/PPS; the ingress keeps the viewers' RTP
-  timestamps rising.
+  pings it on the actor's control thread (frames do not hold the ping up), and if it
+  does not answer within PING_TIMEOUT_S, or has spent STUCK_CALL_S in one encode call,
+  it is killed and its streams are placed again at once, on capacity anywhere (an
+  encoder start takes seconds; failover should not). The new encoder's first frame is
+  an IDR with SPS/PPS; the ingress keeps the viewers' RTP timestamps rising.
 - **Control.** `request_keyframe` and `set_bitrate` (clamped to the configured range)
   reach the stream's current encoder.
 """
@@ -34,12 +35,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.aio import cancel_and_wait, every
+from actors.encoder import CONTROL_GROUP
 from configs.schema import DeviceConfig, EncoderConfig, PoolConfig
 
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.2
+#: An encoder that does not answer a ping this fast (on its control thread, which frames
+#: do not hold up) is gone: its node died or its process hangs.
 PING_TIMEOUT_S = 0.4
+#: An encoder that answers but has spent this long in one encode call is stuck.
+STUCK_CALL_S = 2.0
 #: How long a new stream waits for an encoder started on its own node before it takes
 #: capacity on another node.
 LOCAL_START_WAIT_S = 15.0
@@ -346,11 +352,19 @@ class EncoderPool:
         self._checking.add(name)
         try:
             if not known_dead:
+                ping = slot.handle.ping.options(concurrency_group=CONTROL_GROUP).remote()
                 try:
-                    await asyncio.wait_for(slot.handle.ping.remote(), PING_TIMEOUT_S)
-                    return  # it answers: slow, not dead
+                    answer = await asyncio.wait_for(ping, PING_TIMEOUT_S)
                 except Exception as exc:  # noqa: BLE001
                     logger.warning("%s does not answer (%s): failing over", name, _reason(exc))
+                else:
+                    if answer["busy_s"] < STUCK_CALL_S:
+                        return  # it answers and its frames move: slow, not dead
+                    logger.warning(
+                        "%s has been in one encode call for %.1f s: failing over",
+                        name,
+                        answer["busy_s"],
+                    )
             await self._fail_over(slot)
         finally:
             self._checking.discard(name)

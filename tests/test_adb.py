@@ -78,8 +78,9 @@ def capture_stats(p: Pipeline, device: str) -> dict[str, Any]:
 
 
 def in_order(indices: list[int]) -> bool:
-    """Strictly rising, allowing the replayed stream's wrap from its end to its start."""
-    breaks = [(a, b) for a, b in zip(indices, indices[1:], strict=False) if b <= a]
+    """Never backwards, allowing the replayed stream's wrap from its end to its start.
+    A stamp may repeat: an all-skip frame from an encoder short of bits (README)."""
+    breaks = [(a, b) for a, b in zip(indices, indices[1:], strict=False) if b < a]
     return all(a >= REPLAYED - 30 and b < 30 for a, b in breaks)
 
 

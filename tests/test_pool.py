@@ -148,3 +148,27 @@ def test_libx264_follows_a_lower_target_in_place() -> None:
     low = kbps(60)
     assert stream.stats.bitrate_reopens == 0 and stream.stats.keyframes == 1
     assert low < 0.75 * high and 900 < low < 1500, (high, low)
+
+
+def test_a_busy_encoder_answers_the_pools_ping(ray_local: Any) -> None:
+    """The ping runs on the actor's control thread, not behind queued frames: an encoder
+    that is slow (a loaded machine, many streams) is not taken for a dead one."""
+    from actors.encoder import CONTROL_GROUP, create_encoder_actor
+    from actors.synthetic import SyntheticSource
+    from configs.schema import ActorResources
+
+    actor = create_encoder_actor(99, encoder=EncoderConfig(), resources=ActorResources(num_cpus=0))
+    try:
+        device = DeviceConfig(id="busy", width=720, height=1280, fps=30)
+        ray.get(actor.open_stream.remote(device))
+        frame = ray.put(SyntheticSource(width=720, height=1280).next_frame().data)
+        future_ms = time.time() * 1000 + 60_000  # never stale while it waits
+        frames = [actor.encode.remote("busy", frame, i, future_ms + i) for i in range(40)]
+        ping = actor.ping.options(concurrency_group=CONTROL_GROUP).remote()
+        answer = ray.get(ping, timeout=30)
+        _, still_queued = ray.wait(frames, num_returns=len(frames), timeout=0)
+        assert answer["name"] == "encoder-99" and answer["busy_s"] >= 0
+        assert still_queued, "the ping waited for every queued frame"
+        ray.get(frames, timeout=60)
+    finally:
+        ray.kill(actor)
