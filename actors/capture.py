@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 #: Hands one frame to the encoder; the awaitable completes when it has been encoded.
 Submit = Callable[[Any], Awaitable[Any]]
 
+#: Most units of a transcoded device's GOP kept to prime a new encoder.
+GOP_MAX = 600
 #: Frames waiting this long on a full in-flight window make the encoder a suspect.
 STUCK_AFTER_S = 0.25
 #: One report per encoder per this many seconds.
@@ -75,6 +77,8 @@ class CaptureWorker:
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._captured_at: deque[float] = deque(maxlen=4 * device.fps)
+        self.gop: list[bytes] = []
+        """Transcode: the device's units since its last IDR, to prime a new encoder."""
 
     @property
     def status(self) -> str:
@@ -188,6 +192,8 @@ class CaptureWorker:
             self.frames_sent += 1
             self._forward(item)
             return
+        if isinstance(item, EncodedFrame):
+            self._remember(item)
         if self._submit is None:
             self._drop("no_encoder")
             return
@@ -213,6 +219,17 @@ class CaptureWorker:
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def _remember(self, item: EncodedFrame) -> None:
+        """Keep the current GOP of a transcoded device: an encoder that takes the stream
+        over mid-GOP decodes it first (`prime`), instead of failing on every unit until
+        the device's next IDR, which may be seconds away."""
+        if item.keyframe:
+            self.gop = [item.data]
+        elif self.gop and len(self.gop) < GOP_MAX:
+            self.gop.append(item.data)
+        else:
+            self.gop = []  # too long to replay: the next IDR starts a new one
 
     def _report(self, name: str | None, reason: str) -> None:
         if name is None or self.status == "stopped":
@@ -391,6 +408,11 @@ class CaptureActor(CaptureWorker):
                 self.raw_bytes_cross_node += item.data.nbytes
             return encoder.encode.remote(device_id, ref, item.index, item.capture_ms, item.pix_fmt)
 
+        if self.gop:
+            # Before the next unit (calls from here run in order on the encoder).
+            encoder.prime.remote(device_id, list(self.gop))
+            if remote:
+                self.raw_bytes_cross_node += sum(map(len, self.gop))
         self.set_encoder(submit, info.get("name"))
 
 

@@ -80,6 +80,8 @@ class StreamStats:
     bitrate_changes: int = 0
     bitrate_reopens: int = 0
     """Bitrate changes that needed a new encoder (and so an IDR)."""
+    primed: int = 0
+    """Transcode: device units decoded, not encoded, to take the stream over mid-GOP."""
     dropped: dict[str, int] = field(default_factory=dict)
     encode_ms: deque[float] = field(default_factory=lambda: deque(maxlen=300))
 
@@ -185,6 +187,21 @@ class StreamEncoder:
             data, pix_fmt = rgb565_to_rgb24(data), "rgb24"
         frame = av.VideoFrame.from_ndarray(data, format=pix_fmt)
         return self.encode_frame(frame, capture_ms, start)
+
+    def prime(self, units: list[bytes]) -> int:
+        """Decode a device's units since its last IDR without encoding them: taking the
+        stream over mid-GOP, the next unit then decodes. Returns the frames decoded."""
+        if self._decoder is None:
+            self._decoder = av.CodecContext.create("h264", "r")
+        decoded = 0
+        for data in units:
+            try:
+                decoded += len(self._decoder.decode(av.Packet(data)))
+            except av.FFmpegError as exc:
+                self.stats.drop("decode_error")
+                logger.warning("%s: priming the decoder failed: %s", self.device.id, exc)
+        self.stats.primed += len(units)
+        return decoded
 
     def encode_packet(self, data: bytes, capture_ms: float) -> list[tuple[bytes, bool, float]]:
         """Transcode one H.264 access unit from a device: decode, scale, encode."""
@@ -338,6 +355,17 @@ class EncoderWorker:
             self._busy_since = None
         return self._send(stream, device_id, index, capture_ms, units)
 
+    def prime(self, device_id: str, units: list[bytes]) -> int:
+        """Transcode: decode `device_id`'s units since its last IDR (see StreamEncoder)."""
+        stream = self._streams.get(device_id)
+        if stream is None:
+            raise KeyError(f"stream {device_id!r} is not open on {self.name}")
+        self._busy_since = time.monotonic()
+        try:
+            return stream.prime(units)
+        finally:
+            self._busy_since = None
+
     def encode_packet(self, device_id: str, data: bytes, index: int, capture_ms: float) -> int:
         """Transcode access unit `index` of a device's own H.264 (never dropped as stale:
         a skipped unit would break the decoder until the next IDR)."""
@@ -402,6 +430,7 @@ class EncoderWorker:
                 "bitrate_bps": stream.bitrate_bps,
                 "bitrate_changes": s.bitrate_changes,
                 "bitrate_reopens": s.bitrate_reopens,
+                "primed": s.primed,
                 "frames_in": s.frames_in,
                 "frames_encoded": s.frames_encoded,
                 "keyframes": s.keyframes,

@@ -206,6 +206,9 @@ class ScreenrecordFeed:
         self.runs = 0
         self.last_end = 0.0
         self.restart_gaps_ms: list[float] = []
+        self.parameter_sets = b""
+        """The device's last SPS and PPS (Annex-B), put before IDRs that lack them."""
+        self.parameter_sets_added = 0
 
     async def frames(self) -> AsyncIterator[Captured]:
         await self.adb.connect_if_network()
@@ -242,7 +245,17 @@ class ScreenrecordFeed:
             )
 
     def _unit(self, data: bytes) -> EncodedFrame:
-        unit = EncodedFrame(data, self.index, now_ms(), _has_idr(data))
+        # A device sends SPS and PPS once, before its first IDR (MediaCodec's codec
+        # config); later IDRs come without them. Each IDR goes out with the last ones
+        # seen, so that a viewer, or a transcoder after a failover, can start at any IDR.
+        nals = nal_units(data)
+        kinds = {kind for kind, _ in nals}
+        if kinds & {7, 8}:
+            self.parameter_sets = b"".join(nal for kind, nal in nals if kind in (7, 8))
+        if 5 in kinds and not {7, 8} <= kinds and self.parameter_sets:
+            data = self.parameter_sets + data
+            self.parameter_sets_added += 1
+        unit = EncodedFrame(data, self.index, now_ms(), 5 in kinds)
         self.index += 1
         return unit
 
@@ -250,16 +263,19 @@ class ScreenrecordFeed:
         await self.adb.close()
 
 
-def _has_idr(data: bytes) -> bool:
-    """True when the Annex-B access unit holds an IDR slice (NAL type 5)."""
-    start = 0
-    while True:
-        at = data.find(b"\x00\x00\x01", start)
-        if at < 0 or at + 3 >= len(data):
-            return False
-        if data[at + 3] & 0x1F == 5:
-            return True
-        start = at + 3
+def nal_units(data: bytes) -> list[tuple[int, bytes]]:
+    """The NAL units of an Annex-B access unit: (type, the unit with its start code)."""
+    starts = []
+    at = data.find(b"\x00\x00\x01")
+    while at >= 0 and at + 3 < len(data):
+        # A 4-byte start code owns the zero before it.
+        starts.append(at - 1 if at > 0 and data[at - 1] == 0 else at)
+        at = data.find(b"\x00\x00\x01", at + 3)
+    ends = starts[1:] + [len(data)]
+    return [
+        (data[s + (4 if data[s + 2] == 0 else 3)] & 0x1F, data[s:e])
+        for s, e in zip(starts, ends, strict=True)
+    ]
 
 
 #: screencap's raw pixel formats (Android PixelFormat) -> (PyAV format, bytes per pixel).

@@ -9,7 +9,8 @@ pipeline runs:
 - `stream.h264`, `units.json` (offset and length of each access unit) and
   `frames_per_run`: screenrecord plays `frames_per_run` access units (then exits, as
   screenrecord does at its time limit), continuing where the last run stopped, paced at
-  30 fps;
+  30 fps. As on a device, SPS and PPS come once, at the start of a run (MediaCodec's
+  codec config): later IDRs of the run go without them;
 - `screencap/NNNN.raw`: screencap frames, served in turn;
 - `pids`: every invocation appends its pid (so tests can check none is left behind);
 - `input.log`: every `shell input ...` call, one JSON list per line.
@@ -54,11 +55,27 @@ def screenrecord(serial: str) -> None:
     begin = time.monotonic()
     for n in range(per_run):
         offset, length = units[(start + n) % len(units)]
-        out.write(stream[offset : offset + length])
+        unit = stream[offset : offset + length]
+        out.write(unit if n == 0 else without_parameter_sets(unit))
         out.flush()
         delay = begin + (n + 1) / 30 - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+
+
+def without_parameter_sets(unit: bytes) -> bytes:
+    """The Annex-B unit without its SPS (NAL type 7) and PPS (8)."""
+    starts = []
+    at = unit.find(b"\x00\x00\x01")
+    while at >= 0:
+        starts.append(at)
+        at = unit.find(b"\x00\x00\x01", at + 3)
+    kept = bytearray()
+    for i, at in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(unit)
+        if unit[at + 3] & 0x1F not in (7, 8):
+            kept += b"\x00" + unit[at:end].rstrip(b"\x00")
+    return bytes(kept)
 
 
 def screencap() -> None:

@@ -198,3 +198,67 @@ def test_rgb565_converts_on_the_encoder() -> None:
     rgb = rgb565_to_rgb24(white_red)
     assert rgb.tolist() == [[[255, 255, 255], [255, 0, 0]]]
     assert os.environ.get("FAKE_ADB_DIR") is None  # the stand-in is never configured globally
+
+
+def test_every_screenrecord_idr_goes_out_with_sps_and_pps(fake: Path) -> None:
+    """A device sends SPS/PPS once per run, before its first IDR (the stand-in too); the
+    feed puts them before every later IDR, so a decoder can start at any of them (a
+    passthrough viewer joining late, a transcoder after a failover)."""
+    import av
+
+    from actors.sources import ScreenrecordFeed, nal_units
+    from configs.schema import DeviceConfig
+
+    device = DeviceConfig.model_validate(
+        {
+            "id": "sets",
+            "source": {"kind": "adb-screenrecord", "serial": "sets", "adb_path": str(fake / "adb")},
+        }
+    )
+    feed = ScreenrecordFeed(device)
+
+    async def one_run() -> list[Any]:
+        try:
+            return [unit async for unit in feed.frames()]
+        finally:
+            await feed.close()
+
+    units = asyncio.run(one_run())
+    keyframes = [i for i, unit in enumerate(units) if unit.keyframe]
+    assert len(units) == 60 and keyframes == [0, 30], keyframes
+    assert feed.parameter_sets_added == 1  # the device left them out of the second IDR
+    for i in keyframes:
+        assert {7, 8, 5} <= {kind for kind, _ in nal_units(units[i].data)}
+    decoder = av.CodecContext.create("h264", "r")
+    stamps = []
+    for unit in units[30:]:  # a fresh decoder, starting at the second IDR
+        for frame in decoder.decode(av.Packet(unit.data)):
+            stamps.append(read_stamp(frame.to_ndarray(format="gray"))[0])
+    assert len(stamps) >= 29 and stamps == sorted(stamps), stamps
+
+
+def test_a_transcoder_taking_over_mid_gop_is_primed(pipeline: Pipeline) -> None:
+    """Kill the transcoding encoder: its successor first decodes the device's units
+    since the last IDR (sent by the capture actor), so it fails on none of the units
+    that follow, and the viewer sees the stream again."""
+
+    def trans() -> tuple[str | None, dict[str, Any]]:
+        name = ray.get(pipeline.pool.stats.remote())["streams"]["trans"]["encoder"]
+        if name is None:
+            return None, {}
+        handle = ray.get(pipeline.pool.encoder_handles.remote())[name]
+        return name, ray.get(handle.stats.remote())["streams"].get("trans", {})
+
+    old, _ = trans()
+    ray.kill(ray.get(pipeline.pool.encoder_handles.remote())[old])
+
+    def taken_over() -> bool:
+        name, stats = trans()
+        return name not in (None, old) and stats.get("frames_encoded", 0) > 45
+
+    wait_for(taken_over, 60, "a new encoder carrying trans")
+    _, stats = trans()
+    assert stats["primed"] >= 1, stats
+    assert "decode_error" not in stats["dropped"], stats
+    sizes, indices, errors = watch_scaled(pipeline, "trans", 30)
+    assert sizes == {(576, 1024)} and errors == 0 and in_order(indices), indices
