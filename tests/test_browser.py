@@ -31,8 +31,13 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def demo(ray_local: Any) -> Iterator[PipelineInfo]:
     base = load_settings(DEMO, environ={})
-    # The demo's 4 devices, on a free port so a running demo does not collide.
-    settings = base.model_copy(update={"ingress": base.ingress.model_copy(update={"port": 0})})
+    # The demo's 4 devices, on a free port so a running demo does not collide. Chromium's
+    # REMB starts from a low estimate and climbs for seconds; held at the configured
+    # bitrate, the tap marker's visibility does not depend on how fast it climbs on a
+    # loaded machine (REMB itself is tested with aiortc viewers in test_viewers.py).
+    encoder = base.encoder.model_copy(update={"min_bitrate_bps": base.encoder.bitrate_bps})
+    ingress = base.ingress.model_copy(update={"port": 0})
+    settings = base.model_copy(update={"ingress": ingress, "encoder": encoder})
     pipeline = Pipeline(settings)
     try:
         yield pipeline.start()
