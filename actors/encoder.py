@@ -12,12 +12,13 @@ derives RTP time from it and keeps it monotonic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import av
 import numpy as np
@@ -191,33 +192,27 @@ class StreamEncoder:
     def prime(self, units: list[bytes]) -> int:
         """Decode a device's units since its last IDR without encoding them: taking the
         stream over mid-GOP, the next unit then decodes. Returns the frames decoded."""
-        if self._decoder is None:
-            self._decoder = av.CodecContext.create("h264", "r")
-        decoded = 0
-        for data in units:
-            try:
-                decoded += len(self._decoder.decode(av.Packet(data)))
-            except av.FFmpegError as exc:
-                self.stats.drop("decode_error")
-                logger.warning("%s: priming the decoder failed: %s", self.device.id, exc)
         self.stats.primed += len(units)
-        return decoded
+        return sum(len(self._decode(data)) for data in units)
 
     def encode_packet(self, data: bytes, capture_ms: float) -> list[tuple[bytes, bool, float]]:
         """Transcode one H.264 access unit from a device: decode, scale, encode."""
         start = time.perf_counter()
+        out: list[tuple[bytes, bool, float]] = []
+        for frame in self._decode(data):
+            out += self.encode_frame(frame, capture_ms, start)
+        return out
+
+    def _decode(self, data: bytes) -> list[av.VideoFrame]:
+        """Decode one of the device's access units (an error is counted, not raised)."""
         if self._decoder is None:
             self._decoder = av.CodecContext.create("h264", "r")
-        out: list[tuple[bytes, bool, float]] = []
         try:
-            frames = self._decoder.decode(av.Packet(data))
+            return cast(list[av.VideoFrame], self._decoder.decode(av.Packet(data)))
         except av.FFmpegError as exc:
             self.stats.drop("decode_error")
             logger.warning("%s: decoding the device's H.264 failed: %s", self.device.id, exc)
-            return out
-        for frame in frames:
-            out += self.encode_frame(frame, capture_ms, start)
-        return out
+            return []
 
     def encode_frame(
         self, frame: av.VideoFrame, capture_ms: float, start: float
@@ -309,6 +304,15 @@ class EncoderWorker:
             )
         return self.info()
 
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Marks the encoding thread as inside one call (what `ping` reports)."""
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
+
     def ping(self) -> dict[str, Any]:
         """Liveness check of the pool. The actor answers it on its own `control` thread,
         not behind the frames queued for the encoding thread: a slow encoder is not a dead
@@ -348,11 +352,8 @@ class EncoderWorker:
         stream = self._stream(device_id, capture_ms)
         if stream is None:
             return 0
-        self._busy_since = time.monotonic()
-        try:
+        with self._busy():
             units = stream.encode(data, capture_ms, pix_fmt)
-        finally:
-            self._busy_since = None
         return self._send(stream, device_id, index, capture_ms, units)
 
     def prime(self, device_id: str, units: list[bytes]) -> int:
@@ -360,11 +361,8 @@ class EncoderWorker:
         stream = self._streams.get(device_id)
         if stream is None:
             raise KeyError(f"stream {device_id!r} is not open on {self.name}")
-        self._busy_since = time.monotonic()
-        try:
+        with self._busy():
             return stream.prime(units)
-        finally:
-            self._busy_since = None
 
     def encode_packet(self, device_id: str, data: bytes, index: int, capture_ms: float) -> int:
         """Transcode access unit `index` of a device's own H.264 (never dropped as stale:
@@ -372,11 +370,8 @@ class EncoderWorker:
         stream = self._streams.get(device_id)
         if stream is None:
             raise KeyError(f"stream {device_id!r} is not open on {self.name}")
-        self._busy_since = time.monotonic()
-        try:
+        with self._busy():
             units = stream.encode_packet(data, capture_ms)
-        finally:
-            self._busy_since = None
         return self._send(stream, device_id, index, capture_ms, units)
 
     def _stream(self, device_id: str, capture_ms: float) -> StreamEncoder | None:

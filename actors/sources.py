@@ -249,9 +249,9 @@ class ScreenrecordFeed:
         # config); later IDRs come without them. Each IDR goes out with the last ones
         # seen, so that a viewer, or a transcoder after a failover, can start at any IDR.
         nals = nal_units(data)
-        kinds = {kind for kind, _ in nals}
+        kinds = {kind for kind, _, _ in nals}
         if kinds & {7, 8}:
-            self.parameter_sets = b"".join(nal for kind, nal in nals if kind in (7, 8))
+            self.parameter_sets = b"".join(data[s:e] for kind, s, e in nals if kind in (7, 8))
         if 5 in kinds and not {7, 8} <= kinds and self.parameter_sets:
             data = self.parameter_sets + data
             self.parameter_sets_added += 1
@@ -263,8 +263,9 @@ class ScreenrecordFeed:
         await self.adb.close()
 
 
-def nal_units(data: bytes) -> list[tuple[int, bytes]]:
-    """The NAL units of an Annex-B access unit: (type, the unit with its start code)."""
+def nal_units(data: bytes) -> list[tuple[int, int, int]]:
+    """Where the NAL units of an Annex-B access unit are: (type, start, end), each
+    span holding its start code. Nothing is copied: this runs on every device unit."""
     starts = []
     at = data.find(b"\x00\x00\x01")
     while at >= 0 and at + 3 < len(data):
@@ -273,7 +274,7 @@ def nal_units(data: bytes) -> list[tuple[int, bytes]]:
         at = data.find(b"\x00\x00\x01", at + 3)
     ends = starts[1:] + [len(data)]
     return [
-        (data[s + (4 if data[s + 2] == 0 else 3)] & 0x1F, data[s:e])
+        (data[s + (4 if data[s + 2] == 0 else 3)] & 0x1F, s, e)
         for s, e in zip(starts, ends, strict=True)
     ]
 

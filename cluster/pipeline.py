@@ -65,6 +65,18 @@ class Pipeline:
             return []
         return list(ray.get(self.pool.encoder_handles.remote(), timeout=10).values())
 
+    def __enter__(self) -> Pipeline:
+        """`with Pipeline(settings) as p:` starts it, and stops it however the block ends."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def start(self) -> PipelineInfo:
         if self.info is not None:
             return self.info

@@ -95,6 +95,7 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
 
     from actors.encoder import StreamEncoder
+    from actors.sources import nal_units
     from actors.synthetic import SyntheticSource
     from configs.schema import DeviceConfig, EncoderConfig
 
@@ -103,14 +104,21 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     device = DeviceConfig(id="phone", width=720, height=1280)
     encoder = StreamEncoder(device, EncoderConfig(keyframe_interval=30), "libx264")
     source = SyntheticSource(width=720, height=1280)
-    stream, units = bytearray(), []
+    # Each unit also without SPS/PPS: a device sends those once per run (see fake_adb).
+    stream, units, bare, bare_units = bytearray(), [], bytearray(), []
     for i in range(REPLAYED):
         frame = source.frame_at(i, 1_000_000 + i * 33)
         for payload, _key, _ms in encoder.encode(frame.data, frame.capture_ms):
             units.append((len(stream), len(payload)))
             stream += payload
+            nals = nal_units(payload)
+            stripped = b"".join(payload[s:e] for kind, s, e in nals if kind not in (7, 8))
+            bare_units.append((len(bare), len(stripped)))
+            bare += stripped
     (folder / "stream.h264").write_bytes(bytes(stream))
     (folder / "units.json").write_text(json.dumps(units))
+    (folder / "bare.h264").write_bytes(bytes(bare))
+    (folder / "bare_units.json").write_text(json.dumps(bare_units))
     (folder / "frames_per_run").write_text("60")
     # Real raw screencap frames: RGBA with Android 12's 16-byte header.
     shots = folder / "screencap"

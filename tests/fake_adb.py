@@ -6,7 +6,8 @@ It replays real data made with PyAV by the tests: an Annex-B H.264 stream for
 Its behaviour is read from files in $FAKE_ADB_DIR, so a test can change it while the
 pipeline runs:
 - `state`: `device` (default) or `offline` (commands fail like adb does);
-- `stream.h264`, `units.json` (offset and length of each access unit) and
+- `stream.h264`, `units.json` (offset and length of each access unit), the same units
+  without SPS/PPS in `bare.h264` and `bare_units.json`, and
   `frames_per_run`: screenrecord plays `frames_per_run` access units (then exits, as
   screenrecord does at its time limit), continuing where the last run stopped, paced at
   30 fps. As on a device, SPS and PPS come once, at the start of a run (MediaCodec's
@@ -48,34 +49,22 @@ def counter(name: str) -> int:
 def screenrecord(serial: str) -> None:
     units = json.loads((DIR / "units.json").read_text())
     stream = (DIR / "stream.h264").read_bytes()
+    bare_units = json.loads((DIR / "bare_units.json").read_text())
+    bare = (DIR / "bare.h264").read_bytes()
     per_run = int((DIR / "frames_per_run").read_text())
     run = counter(f"runs-{serial}")
     start = (run * per_run) % len(units)
     out = sys.stdout.buffer
     begin = time.monotonic()
     for n in range(per_run):
-        offset, length = units[(start + n) % len(units)]
-        unit = stream[offset : offset + length]
-        out.write(unit if n == 0 else without_parameter_sets(unit))
+        # The run's first unit with SPS/PPS, the others without.
+        source, table = (stream, units) if n == 0 else (bare, bare_units)
+        offset, length = table[(start + n) % len(table)]
+        out.write(source[offset : offset + length])
         out.flush()
         delay = begin + (n + 1) / 30 - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-
-
-def without_parameter_sets(unit: bytes) -> bytes:
-    """The Annex-B unit without its SPS (NAL type 7) and PPS (8)."""
-    starts = []
-    at = unit.find(b"\x00\x00\x01")
-    while at >= 0:
-        starts.append(at)
-        at = unit.find(b"\x00\x00\x01", at + 3)
-    kept = bytearray()
-    for i, at in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else len(unit)
-        if unit[at + 3] & 0x1F not in (7, 8):
-            kept += b"\x00" + unit[at:end].rstrip(b"\x00")
-    return bytes(kept)
 
 
 def screencap() -> None:

@@ -37,7 +37,7 @@ def make_settings(fake: Path, *devices: dict[str, Any]) -> Settings:
 @pytest.fixture(scope="module")
 def pipeline(ray_local: Any, fake: Path) -> Iterator[Pipeline]:
     adb = str(fake / "adb")
-    p = Pipeline(
+    with Pipeline(
         make_settings(
             fake,
             {
@@ -65,12 +65,8 @@ def pipeline(ray_local: Any, fake: Path) -> Iterator[Pipeline]:
                 "source": {"kind": "adb-screencap", "serial": "10.0.0.9:5555", "adb_path": adb},
             },
         )  # fmt: skip
-    )
-    try:
-        p.start()
+    ) as p:
         yield p
-    finally:
-        p.stop()
 
 
 def capture_stats(p: Pipeline, device: str) -> dict[str, Any]:
@@ -228,7 +224,7 @@ def test_every_screenrecord_idr_goes_out_with_sps_and_pps(fake: Path) -> None:
     assert len(units) == 60 and keyframes == [0, 30], keyframes
     assert feed.parameter_sets_added == 1  # the device left them out of the second IDR
     for i in keyframes:
-        assert {7, 8, 5} <= {kind for kind, _ in nal_units(units[i].data)}
+        assert {7, 8, 5} <= {kind for kind, _, _ in nal_units(units[i].data)}
     decoder = av.CodecContext.create("h264", "r")
     stamps = []
     for unit in units[30:]:  # a fresh decoder, starting at the second IDR

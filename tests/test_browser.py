@@ -38,11 +38,9 @@ def demo(ray_local: Any) -> Iterator[PipelineInfo]:
     encoder = base.encoder.model_copy(update={"min_bitrate_bps": base.encoder.bitrate_bps})
     ingress = base.ingress.model_copy(update={"port": 0})
     settings = base.model_copy(update={"ingress": ingress, "encoder": encoder})
-    pipeline = Pipeline(settings)
-    try:
-        yield pipeline.start()
-    finally:
-        pipeline.stop()
+    with Pipeline(settings) as pipeline:
+        assert pipeline.info is not None
+        yield pipeline.info
 
 
 def test_every_device_decodes_in_chromium(demo: PipelineInfo, tmp_path: Path) -> None:

@@ -24,12 +24,8 @@ SLACK = {"threads": 2, "fds": 2}
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local: Any) -> Iterator[Pipeline]:
-    p = Pipeline(settings(devices=1))
-    try:
-        p.start()
+    with Pipeline(settings(devices=1)) as p:
         yield p
-    finally:
-        p.stop()
 
 
 async def _abrupt_viewer(url: str) -> None:

@@ -34,12 +34,8 @@ def metrics_port() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def pipeline(metrics_port: int) -> Iterator[Pipeline]:
-    p = Pipeline(settings(devices=2, monitor={"interval_s": 0.5, "growth_percent": 50}))
-    try:
-        p.start()
+    with Pipeline(settings(devices=2, monitor={"interval_s": 0.5, "growth_percent": 50})) as p:
         yield p
-    finally:
-        p.stop()
 
 
 def scrape(port: int) -> str:

@@ -33,18 +33,14 @@ def test_forced_missing_backend_is_a_clear_error() -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local: Any) -> Iterator[Pipeline]:
-    p = Pipeline(
+    with Pipeline(
         settings(
             devices=2,
             pool={"min_workers": 2, "max_workers": 2, "streams_per_worker": 1},
             encoder={"keyframe_interval": 600, "min_bitrate_bps": 100_000},
         )
-    )
-    try:
-        p.start()
+    ) as p:
         yield p
-    finally:
-        p.stop()
 
 
 def test_forced_nvenc_stops_the_pipeline_with_the_reason(ray_local: Any) -> None:

@@ -26,7 +26,7 @@ ORIGIN = "http://console.example"
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local: Any) -> Iterator[Pipeline]:
-    p = Pipeline(
+    with Pipeline(
         settings(
             devices=2,
             pool={"min_workers": 1, "max_workers": 1},
@@ -41,12 +41,8 @@ def pipeline(ray_local: Any) -> Iterator[Pipeline]:
                 "max_viewers_per_device": 64,
             },
         )
-    )
-    try:
-        p.start()
+    ) as p:
         yield p
-    finally:
-        p.stop()
 
 
 def encoder_stream(p: Pipeline, device: str) -> dict[str, Any]:
